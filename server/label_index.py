@@ -1,0 +1,156 @@
+"""In-memory matrix of a family's encrypted label vectors, for the MAT step.
+
+Loaded from the store on a family's first search, then kept in step with uploads and
+deletes. Rows stay in upload order (deletes leave tombstones, compacted once they pile up),
+so "newest first" needs no sort. One search is one matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import labels
+from common.errors import KeyMismatchError, MalformedInputError
+from server.storage import Store
+
+MAX_TOP_N = 10_000
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Matching photo ids (best or newest first) and the time the match took."""
+
+    photo_ids: list[str]
+    server_ms: float
+
+
+class FamilyLabelIndex:
+    """The encrypted label matrix of one family."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._matrix = np.empty((1024, dim))
+        self._alive = np.zeros(1024, dtype=bool)
+        self._ids: list[str] = []
+        self._row_of: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def _decode(self, blob: bytes) -> np.ndarray:
+        vec = np.frombuffer(blob, dtype="<f8")
+        if vec.shape != (self.dim,):
+            raise MalformedInputError(
+                f"encrypted label vector has {vec.size} values, this family uses {self.dim}")
+        return vec
+
+    def add_many(self, rows: list[tuple[str, bytes]]) -> None:
+        """Appends (photo_id, encrypted labels) rows; an id already present is ignored."""
+        with self._lock:
+            fresh = [(pid, blob) for pid, blob in rows if pid not in self._row_of]
+            n, need = len(self._ids), len(self._ids) + len(fresh)
+            if need > len(self._alive):
+                cap = max(need, 2 * len(self._alive))
+                matrix = np.empty((cap, self.dim))
+                matrix[:n] = self._matrix[:n]
+                alive = np.zeros(cap, dtype=bool)
+                alive[:n] = self._alive[:n]
+                self._matrix, self._alive = matrix, alive
+            for i, (pid, blob) in enumerate(fresh):
+                self._matrix[n + i] = self._decode(blob)
+                self._alive[n + i] = True
+                self._ids.append(pid)
+                self._row_of[pid] = n + i
+
+    def remove(self, photo_id: str) -> None:
+        """Drops a photo (tombstone; compacts when half the rows are dead)."""
+        with self._lock:
+            row = self._row_of.pop(photo_id, None)
+            if row is None:
+                return
+            self._alive[row] = False
+            if len(self._ids) > 1024 and len(self._row_of) < len(self._ids) // 2:
+                self._compact()
+
+    def _compact(self) -> None:
+        n = len(self._ids)
+        keep = np.flatnonzero(self._alive[:n])
+        self._matrix = self._matrix[keep].copy()
+        self._alive = np.ones(len(keep), dtype=bool)
+        self._ids = [self._ids[i] for i in keep]
+        self._row_of = {pid: i for i, pid in enumerate(self._ids)}
+
+    def search(self, query: np.ndarray, mode: labels.MatchMode, top_n: int) -> SearchResult:
+        """MAT: one inner product per stored vector; keeps positive scores."""
+        if query.shape != (self.dim,):
+            raise MalformedInputError(
+                f"encrypted query has {query.size} values, this family uses {self.dim}")
+        with self._lock:
+            start = time.perf_counter()
+            n = len(self._ids)
+            scores = self._matrix[:n] @ query
+            hits = np.flatnonzero((scores > 0) & self._alive[:n])
+            if mode is labels.MatchMode.RANKED:
+                order = hits[np.argsort(-scores[hits], kind="stable")][:top_n]
+            else:
+                order = hits[::-1]
+            ids = [self._ids[i] for i in order]
+            elapsed = (time.perf_counter() - start) * 1000
+        return SearchResult(ids, elapsed)
+
+
+class LabelSearch:
+    """The label indexes of all families, loaded lazily from the store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._indexes: dict[str, FamilyLabelIndex] = {}
+        self._lock = threading.Lock()
+
+    def index(self, family_id: str, dim: int) -> FamilyLabelIndex:
+        """The family's index, loading it from the store on first use."""
+        with self._lock:
+            idx = self._indexes.get(family_id)
+            if idx is None:
+                idx = FamilyLabelIndex(dim)
+                for rows in self._store.iter_labels(family_id):
+                    idx.add_many([(pid, blob) for _, pid, blob in rows])
+                self._indexes[family_id] = idx
+            return idx
+
+    def photo_added(self, family_id: str, photo_id: str, encrypted_labels: bytes) -> None:
+        """Called after a photo row commits. Takes the lock so a concurrent first load
+        cannot miss the row (add_many ignores ids the load already read)."""
+        with self._lock:
+            idx = self._indexes.get(family_id)
+            if idx is not None:
+                idx.add_many([(photo_id, encrypted_labels)])
+
+    def photo_removed(self, family_id: str, photo_id: str) -> None:
+        """Called after a photo row is deleted."""
+        with self._lock:
+            idx = self._indexes.get(family_id)
+            if idx is not None:
+                idx.remove(photo_id)
+
+    def search(self, family_id: str, dim: int, key_fp: bytes, expected_fp: bytes,
+               encrypted_query: bytes, mode: labels.MatchMode, top_n: int) -> SearchResult:
+        """Validates the query's key and shape, then runs MAT over the family's photos."""
+        if key_fp != expected_fp:
+            raise KeyMismatchError("the query was encrypted with another label key than the "
+                                   "family's: use the family bundle this family was created with")
+        if mode is labels.MatchMode.RANKED and not 1 <= top_n <= MAX_TOP_N:
+            raise MalformedInputError(f"top_n must be within 1..{MAX_TOP_N} for ranked search")
+        if len(encrypted_query) != dim * 8:
+            raise MalformedInputError(
+                f"encrypted query has {len(encrypted_query)} bytes, expected {dim * 8} "
+                f"({dim} float64 values)")
+        query = np.frombuffer(encrypted_query, dtype="<f8")
+        if not np.all(np.isfinite(query)):
+            raise MalformedInputError("encrypted query contains NaN or infinity")
+        return self.index(family_id, dim).search(query, mode, top_n)

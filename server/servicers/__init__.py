@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: decode, call domain code, encode."""

@@ -1,0 +1,156 @@
+"""PhotoService: encrypted backup, encrypted label search, fetch, delete."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from common import labels
+from common.errors import KeyMismatchError, MalformedInputError
+from privface.v1 import photos_pb2, photos_pb2_grpc
+from server.auth import authenticate
+from server.config import ServerConfig
+from server.errors import grpc_errors
+from server.label_index import LabelSearch
+from server.servicers.chunks import CheckedChunks, check_limit
+from server.storage import PHOTO_ID_RE, Store, write_file_atomically
+
+log = logging.getLogger(__name__)
+
+FETCH_CHUNK_BYTES = 1024 * 1024
+DEFAULT_PAGE = 1000
+MAX_THUMBNAIL_BYTES = 1024 * 1024
+MODES = {
+    photos_pb2.MATCH_MODE_UNSPECIFIED: labels.MatchMode.ALL,
+    photos_pb2.MATCH_MODE_ALL: labels.MatchMode.ALL,
+    photos_pb2.MATCH_MODE_ANY: labels.MatchMode.ANY,
+    photos_pb2.MATCH_MODE_RANKED: labels.MatchMode.RANKED,
+}
+
+
+def _check_photo_id(photo_id: str) -> None:
+    if not PHOTO_ID_RE.match(photo_id):
+        raise MalformedInputError("photo_id must be 32 lowercase hex characters")
+
+
+def _pages(ids: list[str], page_size: int) -> Iterator[list[str]]:
+    size = page_size or DEFAULT_PAGE
+    for start in range(0, max(len(ids), 1), size):
+        yield ids[start:start + size]
+
+
+class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
+    """Photo storage and search for authenticated families."""
+
+    def __init__(self, store: Store, config: ServerConfig, search: LabelSearch) -> None:
+        self.store = store
+        self.config = config
+        self.search = search
+
+    @grpc_errors
+    def BackupPhoto(self, request_iterator: Iterator[photos_pb2.BackupPhotoRequest],
+                    context: grpc.ServicerContext) -> photos_pb2.BackupPhotoResponse:
+        family = authenticate(self.store, context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise MalformedInputError("the first BackupPhoto message must be the header")
+        header = first.header
+        _check_photo_id(header.photo_id)
+        check_limit(header.blob_size, self.config.max_photo_bytes, "photo")
+        check_limit(len(header.encrypted_thumbnail), MAX_THUMBNAIL_BYTES, "thumbnail")
+        if header.label_key_fingerprint != family.label_key_fp:
+            raise KeyMismatchError("the label vector was encrypted with another label key than "
+                                   "the family's: use this family's bundle")
+        vec = np.frombuffer(header.encrypted_labels, dtype="<f8") \
+            if len(header.encrypted_labels) % 8 == 0 else np.empty(0)
+        if vec.size != family.label_dim or not np.all(np.isfinite(vec)):
+            raise MalformedInputError(
+                f"encrypted_labels must be {family.label_dim} finite float64 values")
+        if len(header.blob_sha256) != 32:
+            raise MalformedInputError("blob_sha256 must be 32 bytes")
+
+        def chunks() -> Iterator[bytes]:
+            for msg in request_iterator:
+                if not msg.HasField("chunk"):
+                    raise MalformedInputError("only chunks may follow the header")
+                yield msg.chunk
+
+        path = self.store.new_blob_path(family.family_id, header.photo_id)
+        checked = CheckedChunks(chunks(), header.blob_size, "photo blob")
+        try:
+            write_file_atomically(path, checked)
+            checked.verify(header.blob_sha256)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a dropped or bad upload leaves nothing behind
+            raise
+        _, created = self.store.put_photo(
+            family.family_id, header.photo_id, path, header.blob_size, header.blob_sha256,
+            header.encrypted_labels, header.encrypted_thumbnail or None)
+        if created:
+            self.search.photo_added(family.family_id, header.photo_id, header.encrypted_labels)
+            log.info("family %s stored photo %s (%d bytes)", family.family_id, header.photo_id,
+                     header.blob_size)
+        return photos_pb2.BackupPhotoResponse(photo_id=header.photo_id,
+                                              already_stored=not created)
+
+    @grpc_errors
+    def SearchPhotos(self, request: photos_pb2.SearchPhotosRequest,
+                     context: grpc.ServicerContext) -> Iterator[photos_pb2.SearchPhotosResponse]:
+        family = authenticate(self.store, context)
+        if request.mode not in MODES:
+            raise MalformedInputError(f"unknown match mode {request.mode}")
+        result = self.search.search(family.family_id, family.label_dim,
+                                    request.label_key_fingerprint, family.label_key_fp,
+                                    request.encrypted_query, MODES[request.mode], request.top_n)
+        log.info("family %s search: %d matches in %.1f ms", family.family_id,
+                 len(result.photo_ids), result.server_ms)
+        for i, page in enumerate(_pages(result.photo_ids, request.page_size)):
+            yield photos_pb2.SearchPhotosResponse(
+                photo_ids=page, total_matches=len(result.photo_ids),
+                server_ms=result.server_ms if i == 0 else 0.0)
+
+    @grpc_errors
+    def FetchPhoto(self, request: photos_pb2.FetchPhotoRequest,
+                   context: grpc.ServicerContext) -> Iterator[photos_pb2.FetchPhotoResponse]:
+        family = authenticate(self.store, context)
+        _check_photo_id(request.photo_id)
+        record = self.store.get_photo(family.family_id, request.photo_id)
+        if request.thumbnail_only:
+            if not record.thumbnail:
+                raise MalformedInputError(f"photo {request.photo_id} has no thumbnail")
+            yield photos_pb2.FetchPhotoResponse(blob_size=len(record.thumbnail),
+                                                chunk=record.thumbnail)
+            return
+        with open(record.blob_path, "rb") as f:
+            first = True
+            while first or chunk:
+                chunk = f.read(FETCH_CHUNK_BYTES)
+                if first:
+                    yield photos_pb2.FetchPhotoResponse(blob_size=record.blob_size,
+                                                        blob_sha256=record.blob_sha256,
+                                                        chunk=chunk)
+                    first = False
+                elif chunk:
+                    yield photos_pb2.FetchPhotoResponse(chunk=chunk)
+                if not context.is_active():
+                    return
+
+    @grpc_errors
+    def DeletePhoto(self, request: photos_pb2.DeletePhotoRequest,
+                    context: grpc.ServicerContext) -> photos_pb2.DeletePhotoResponse:
+        family = authenticate(self.store, context)
+        _check_photo_id(request.photo_id)
+        self.store.delete_photo(family.family_id, request.photo_id)
+        self.search.photo_removed(family.family_id, request.photo_id)
+        log.info("family %s deleted photo %s", family.family_id, request.photo_id)
+        return photos_pb2.DeletePhotoResponse(photo_id=request.photo_id)
+
+    @grpc_errors
+    def ListPhotos(self, request: photos_pb2.ListPhotosRequest,
+                   context: grpc.ServicerContext) -> Iterator[photos_pb2.ListPhotosResponse]:
+        family = authenticate(self.store, context)
+        for page in _pages(self.store.list_photo_ids(family.family_id), request.page_size):
+            yield photos_pb2.ListPhotosResponse(photo_ids=page)
