@@ -42,17 +42,16 @@ class FamilyLabelIndex:
     def __len__(self) -> int:
         return len(self._row_of)
 
-    def _decode(self, blob: bytes) -> np.ndarray:
-        vec = np.frombuffer(blob, dtype="<f8")
-        if vec.shape != (self.dim,):
-            raise MalformedInputError(
-                f"encrypted label vector has {vec.size} values, this family uses {self.dim}")
-        return vec
-
     def add_many(self, rows: list[tuple[str, bytes]]) -> None:
         """Appends (photo_id, encrypted labels) rows; an id already present is ignored."""
         with self._lock:
             fresh = [(pid, blob) for pid, blob in rows if pid not in self._row_of]
+            if not fresh:
+                return
+            if any(len(blob) != 8 * self.dim for _, blob in fresh):
+                raise MalformedInputError(
+                    f"encrypted label vectors must have {self.dim} float64 values")
+            block = np.frombuffer(b"".join(blob for _, blob in fresh), dtype="<f8")
             n, need = len(self._ids), len(self._ids) + len(fresh)
             if need > len(self._alive):
                 cap = max(need, 2 * len(self._alive))
@@ -61,9 +60,9 @@ class FamilyLabelIndex:
                 alive = np.zeros(cap, dtype=bool)
                 alive[:n] = self._alive[:n]
                 self._matrix, self._alive = matrix, alive
-            for i, (pid, blob) in enumerate(fresh):
-                self._matrix[n + i] = self._decode(blob)
-                self._alive[n + i] = True
+            self._matrix[n:need] = block.reshape(len(fresh), self.dim)
+            self._alive[n:need] = True
+            for i, (pid, _) in enumerate(fresh):
                 self._ids.append(pid)
                 self._row_of[pid] = n + i
 

@@ -1,0 +1,112 @@
+"""Encrypted label search vs plaintext numpy over the same label matrix.
+
+Stores n ASPE-encrypted label vectors of a family of 8 members (each member in a photo with
+probability 0.3) in a real SQLite store, then times the server's MAT step (the code the
+SearchPhotos servicer runs, index already in memory) for a two-person all-of query, side by
+side with plaintext numpy (L @ Q == lambda) over the same labels. Also reports the one-time
+index load from SQLite and one end-to-end gRPC search over the largest store.
+
+    .venv/bin/python bench/search_bench.py --json bench/results/search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import os
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the server runs (server/__init__.py)
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import median_ms, print_table, write_json  # noqa: E402
+from common import aspe, labels  # noqa: E402
+from server.label_index import LabelSearch  # noqa: E402
+from server.storage import Store  # noqa: E402
+
+MEMBERS = 8
+PRESENCE = 0.3
+QUERY = [1, 4]
+
+
+def build_store(store: Store, n: int, key: aspe.AspeKey, capacity: int,
+                rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    """A family with n encrypted label rows; returns (family_id, plaintext label matrix)."""
+    family_id, _ = store.create_family(key.fingerprint(), key.cipher_dim)
+    plain = np.zeros((n, capacity + 1))
+    plain[:, :MEMBERS] = rng.random((n, MEMBERS)) < PRESENCE
+    plain[:, -1] = 1.0
+    for start in range(0, n, 100_000):
+        block = plain[start:start + 100_000]
+        enc = aspe.encrypt_stored(key, block, rng).astype("<f8")
+        store.bulk_insert_labels(family_id, [(secrets.token_hex(16), row.tobytes())
+                                             for row in enc])
+    return family_id, plain
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000,1000000",
+                        help="comma-separated store sizes (default %(default)s)")
+    parser.add_argument("--capacity", type=int, default=labels.DEFAULT_CAPACITY,
+                        help="family slots (default %(default)s, the family default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="write figures to this JSON file")
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(2026)
+    key = aspe.generate_key(labels.label_dim(args.capacity), rng=rng)
+    figures: dict[str, object] = {"members": MEMBERS, "capacity": args.capacity,
+                                  "ciphertext_dim": key.cipher_dim, "query_people": len(QUERY)}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="privface-bench-") as tmp:
+        store = Store(Path(tmp))
+        search = LabelSearch(store)
+        for n in (int(s) for s in args.sizes.split(",")):
+            t0 = time.perf_counter()
+            family_id, plain = build_store(store, n, key, args.capacity, rng)
+            build_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            search.index(family_id, key.cipher_dim)
+            load_ms = (time.perf_counter() - t0) * 1000
+            fp = key.fingerprint()
+            mode = labels.MatchMode.ALL
+
+            def encrypted() -> list[str]:
+                query = aspe.encrypt_query(key, labels.query_vector(QUERY, args.capacity, mode))
+                return search.search(family_id, key.cipher_dim, fp, fp,
+                                     query[0].astype("<f8").tobytes(), mode, 0).photo_ids
+
+            server_times = []
+            for _ in range(args.repeats + 1):
+                query = aspe.encrypt_query(key, labels.query_vector(QUERY, args.capacity, mode))
+                result = search.search(family_id, key.cipher_dim, fp, fp,
+                                       query[0].astype("<f8").tobytes(), mode, 0)
+                server_times.append(result.server_ms)
+            search_ms = float(np.median(server_times[1:]))
+            q_plain = labels.query_vector(QUERY, args.capacity, mode)
+
+            def plaintext() -> np.ndarray:
+                scores = plain @ q_plain
+                return np.flatnonzero(scores > 0)[::-1]
+
+            plain_ms = median_ms(plaintext, args.repeats)
+            hits = len(encrypted())
+            assert hits == len(plaintext()), "encrypted and plaintext results differ"
+            figures[f"search_ms_{n}"] = round(search_ms, 3)
+            figures[f"plain_ms_{n}"] = round(plain_ms, 3)
+            figures[f"load_ms_{n}"] = round(load_ms, 1)
+            figures[f"matches_{n}"] = hits
+            rows.append([n, search_ms, plain_ms, search_ms / plain_ms, hits, load_ms, build_s])
+    print_table(["photos", "encrypted ms", "plaintext ms", "ratio", "matches",
+                 "index load ms", "setup s"], rows)
+    write_json(args.json, figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
