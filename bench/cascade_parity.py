@@ -35,9 +35,11 @@ from common.cascade import (  # noqa: E402
     Cascade,
     default_cascade_path,
     feature_values,
+    linear_margins,
     load_cascade,
     opencv_weak_decisions,
     stage_scores,
+    weak_decisions,
 )
 from client.pipeline.windows import (  # noqa: E402
     ScanParams,
@@ -68,8 +70,9 @@ class Precision:
     """Decisions of the float64 linear form against OpenCV's float32 arithmetic."""
 
     decisions: int = 0
-    mismatch_linear: int = 0  # y.x - theta*nf < 0 (theta = adjusted boundary) vs OpenCV
-    mismatch_exact: int = 0  # S*v < theta (exact float64 product) vs OpenCV
+    mismatch_linear: int = 0  # naive float64 y.x - theta*nf < 0 (adjusted theta) vs OpenCV
+    mismatch_exact: int = 0  # exact evaluation (weak_decisions) vs OpenCV
+    exact_ties: int = 0  # S*v exactly on the float32 rounding boundary of the threshold
     mismatch_naive: int = 0  # y.x - t*nf < 0 with the plain float32 threshold t
     min_rel_margin: float = float("inf")
     min_abs_margin: float = float("inf")
@@ -77,16 +80,19 @@ class Precision:
 
     def add(self, cascade: Cascade, px: np.ndarray, nf: np.ndarray, v: np.ndarray, sl: slice) -> None:
         s = feature_values(cascade, px, sl)
-        theta = cascade.thresholds[sl][None, :]
-        lin = s - theta * nf[:, None]
+        lin = linear_margins(cascade, px, nf, sl)
         ref = opencv_weak_decisions(cascade, px, v, sl)
-        exact = s * v.astype(np.float64)[:, None] < theta
+        exact = weak_decisions(cascade, px, nf, sl)
         naive = s - cascade.raw_thresholds[sl][None, :] * nf[:, None] < 0
         rel = np.abs(lin) / nf[:, None]
         self.decisions += lin.size
         self.mismatch_linear += int(((lin < 0) != ref).sum())
         self.mismatch_exact += int((exact != ref).sum())
         self.mismatch_naive += int((naive != ref).sum())
+        # S*v is exact in float64; a tie is S*v on OpenCV's float32 rounding boundary.
+        prod = s * (1.0 / nf).astype(np.float32).astype(np.float64)[:, None]
+        theta = cascade.thresholds[sl][None, :]
+        self.exact_ties += int((np.abs(prod - theta) <= np.spacing(theta)).sum())
         if lin.size:
             self.min_rel_margin = min(self.min_rel_margin, float(rel.min()))
             self.min_abs_margin = min(self.min_abs_margin, float(np.abs(lin).min()))
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                                            minSize=params.min_size))
         t_cv = time.perf_counter() - t0
         raw_ref = as_set(ocv.detectMultiScale(gray, params.scale_factor, 0, minSize=params.min_size))
-        raw_ours = as_set(cand)
+        # detectMultiScale clips its raw candidates to the image too (clipObjects).
+        raw_ours = as_set(group_boxes(cand, 0, (gray.shape[1], gray.shape[0])))
         matched = len(ours & ref)
         row = dict(
             photo=str(path.relative_to(DATA)), width=gray.shape[1], height=gray.shape[0],
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             t_ours_s=round(t_ours, 4), t_opencv_s=round(t_cv, 4),
         )
         rows.append(row)
-        for k in ("decisions", "mismatch_linear", "mismatch_exact", "mismatch_naive"):
+        for k in ("decisions", "mismatch_linear", "mismatch_exact", "mismatch_naive", "exact_ties"):
             setattr(prec, k, getattr(prec, k) + getattr(photo_prec, k))
         prec.min_rel_margin = min(prec.min_rel_margin, photo_prec.min_rel_margin)
         prec.min_abs_margin = min(prec.min_abs_margin, photo_prec.min_abs_margin)
@@ -246,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         if k < 6 or k >= cascade.n_stages - 1:
             print(f"  {label}: {n:10d}  {n / max(visited_eval, 1):8.4%}  cum {cum / max(visited_eval, 1):8.4%}")
     print(f"precision: {prec.decisions} weak decisions; float64 linear form vs OpenCV float32: "
-          f"{prec.mismatch_linear} mismatches (exact product form: {prec.mismatch_exact}; plain "
+          f"{prec.mismatch_linear} mismatches (exact evaluation: {prec.mismatch_exact}; plain "
           f"float32 threshold: {prec.mismatch_naive}); min |y.x - theta*nf|/nf = {prec.min_rel_margin:.3e}, "
           f"min |y.x - theta*nf| = {prec.min_abs_margin:.3e}")
+    print(f"exact ties (S*v == theta): {prec.exact_ties}")
     print("near ties (|y.x - theta*nf|/nf below): "
           + ", ".join(f"{lv:g}: {n}" for lv, n in prec.near_ties.items()))
 
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         windows=dict(agg, evaluated=visited_eval, reject_hist=hist_all.tolist()),
         precision=dict(decisions=prec.decisions, mismatch_linear=prec.mismatch_linear,
                        mismatch_exact_product=prec.mismatch_exact,
-                       mismatch_plain_threshold=prec.mismatch_naive,
+                       mismatch_plain_threshold=prec.mismatch_naive, exact_ties=prec.exact_ties,
                        min_rel_margin=prec.min_rel_margin, min_abs_margin=prec.min_abs_margin,
                        near_ties={f"{lv:g}": n for lv, n in prec.near_ties.items()}),
         per_photo=rows,

@@ -106,14 +106,21 @@ def cmd_people(args: argparse.Namespace) -> int:
         s.save()
     elif args.action == "remove":
         for name in args.names:
+            slot = s.bundle.slot_of(name)
+            dead = s.client.remove_gallery_slot(slot) if s.bundle.ckks_secret else 0
             s.bundle.remove_member(name)
-            print(f"removed {name}")
+            print(f"removed {name} ({dead} gallery faces)")
         s.save()
     elif not s.bundle.roster:
         print("no members yet: `privface people add NAME` or `privface enroll NAME PHOTO...`")
     else:
+        counts: dict[int, int] = {}
+        if s.bundle.ckks_secret:
+            from client.pipeline.faces import gallery_counts
+            counts = gallery_counts(s.client)
+        print("slot  faces  name")
         for name, slot in sorted(s.bundle.roster.items(), key=lambda kv: kv[1]):
-            print(f"{slot:3d}  {name}")
+            print(f"{slot:4d}  {counts.get(slot, 0):5d}  {name}")
     return 0
 
 

@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import grpc
 
 from common import errors
-from privface.v1 import (detection_pb2_grpc, faces_pb2_grpc, family_pb2, family_pb2_grpc,
+from privface.v1 import (detection_pb2_grpc, faces_pb2, faces_pb2_grpc, family_pb2,
+                         family_pb2_grpc,
                          photos_pb2, photos_pb2_grpc)
 
 CHUNK_BYTES = 1024 * 1024
@@ -30,7 +31,7 @@ class ServerUnavailableError(errors.PrivfaceError):
 
 _ERROR_OF = {
     grpc.StatusCode.INVALID_ARGUMENT: errors.MalformedInputError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.KeyMismatchError,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.PreconditionError,
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
@@ -203,3 +204,28 @@ class PrivfaceClient:
         for page in self.stream(self.photos.ListPhotos, photos_pb2.ListPhotosRequest()):
             ids.extend(page.photo_ids)
         return ids
+
+    # -- faces ---------------------------------------------------------------------------
+
+    def gallery_layout(self) -> faces_pb2.GetGalleryLayoutResponse:
+        """The gallery's blocks and their position slots."""
+        return self.call(self.faces.GetGalleryLayout, faces_pb2.GetGalleryLayoutRequest())
+
+    def add_gallery_entries(self, slot: int, block: int, first_position: int, count: int,
+                            ciphertexts: list[bytes]) -> int:
+        """Adds encrypted entries; returns the gallery's entry count."""
+        return self.call(self.faces.AddGalleryEntries, faces_pb2.AddGalleryEntriesRequest(
+            slot=slot, block=block, first_position=first_position, count=count,
+            ciphertexts=faces_pb2.Ciphertexts(items=ciphertexts)),
+            timeout=UPLOAD_TIMEOUT).gallery_entry_count
+
+    def remove_gallery_slot(self, slot: int) -> int:
+        """Marks a member's gallery entries dead; returns how many."""
+        return self.call(self.faces.RemoveGallerySlot,
+                         faces_pb2.RemoveGallerySlotRequest(slot=slot)).removed
+
+    def match_faces(self, faces: list[list[bytes]]) -> list[faces_pb2.MatchFacesResponse]:
+        """Encrypted distances of each face to each gallery block."""
+        request = faces_pb2.MatchFacesRequest(faces=[faces_pb2.Ciphertexts(items=f)
+                                                     for f in faces])
+        return list(self.stream(self.faces.MatchFaces, request, timeout=UPLOAD_TIMEOUT))

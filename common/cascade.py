@@ -26,9 +26,13 @@ Exactness with respect to OpenCV (4.x, ``predictOrderedStump`` / ``HaarEvaluator
   so :attr:`Cascade.thresholds` stores that boundary (nudged one float64 step up when
   the tie goes left) and the float64 test ``S * v < theta`` reproduces OpenCV's float32
   decision bit for bit. :attr:`Cascade.raw_thresholds` keeps the plain float32 values.
-* Windows carry ``nf = 1 / v`` (float64); ``S - theta * nf < 0`` is then the same
-  decision except when ``|S*v - theta|`` is within a few float64 ulps, which the
-  parity benchmark measures (none seen on real photos).
+* Windows carry ``nf = 1 / v`` (float64). The plaintext reference here evaluates the
+  linear inequality exactly (as ``S * v < theta``, recovering ``v = float32(1/nf)``),
+  so it never depends on rounding. The same inequality computed naively in float64,
+  ``S - theta * nf < 0`` (:func:`linear_margins`), agrees except at exact ties
+  ``S * v == theta``: they do occur on real photos (about one per 10**8-10**9
+  decisions) and then the sign is decided by rounding or, in the encrypted protocol,
+  by the evaluation noise. ``bench/cascade_parity.py`` counts them and the near ties.
 * Stage sums are accumulated in float64, in classifier order, from float32 leaf values,
   and compared with ``float32(stage_threshold - 1e-5f)``, as OpenCV does.
 """
@@ -46,7 +50,11 @@ __all__ = [
     "CascadeError",
     "default_cascade_path",
     "evaluate_windows",
+    "feature_values",
+    "inv_norm_factors",
+    "linear_margins",
     "load_cascade",
+    "opencv_weak_decisions",
     "rejection_stages",
     "stage_scores",
     "weak_decisions",
@@ -317,17 +325,46 @@ def weak_decisions(
 ) -> np.ndarray:
     """Left/right of each selected weak classifier: ``(n, k)`` bool, True = left.
 
-    The linear form of the secure protocol: left <=> ``y . x - theta * nf < 0``.
+    Decides ``y . x - theta * nf < 0`` exactly (see :func:`_decide`), which is OpenCV's
+    float32 decision bit for bit.
     """
     return _decide(cascade, _operand(cascade, pixels), norm_factors, weak)
+
+
+def linear_margins(
+    cascade: Cascade, pixels: np.ndarray, norm_factors: np.ndarray, weak: slice | np.ndarray
+) -> np.ndarray:
+    """``y . x - theta * nf`` in plain float64, ``(n, k)``: what the server sees, up to ``c``.
+
+    Its sign is the weak decision (negative = left) except at float64 rounding level:
+    exact ties ``S * v == theta`` do occur on real photos (about one per 10**8-10**9
+    decisions, because ``S * v`` and the float32 rounding boundary are both short binary
+    numbers), and any noise added by an encrypted evaluation decides them.
+    """
+    s = feature_values(cascade, pixels, weak)
+    return s - cascade.thresholds[weak][None, :] * np.asarray(norm_factors, np.float64)[:, None]
+
+
+def inv_norm_factors(norm_factors: np.ndarray) -> np.ndarray:
+    """OpenCV's ``v = float32(1 / nf)`` (float64 array of float32 values).
+
+    Works for the true ``nf`` (that is how OpenCV rounds it) and for ``nf = 1 / v`` as
+    windows carry it: the float64 round trip is far inside float32's half ulp.
+    """
+    return (1.0 / np.asarray(norm_factors, dtype=np.float64)).astype(np.float32).astype(np.float64)
 
 
 def _decide(
     cascade: Cascade, operand: np.ndarray, norm_factors: np.ndarray, weak: slice | np.ndarray
 ) -> np.ndarray:
+    """Exact evaluation of ``y . x - theta * nf < 0`` with ``nf = 1 / v``.
+
+    Multiplying by ``v > 0`` gives ``S * v < theta``; ``S`` (integer below 2**20) times
+    ``v`` (24-bit mantissa) is exact in float64, so no rounding decides a tie.
+    """
     s = _products(cascade, operand, weak)
-    nf = np.asarray(norm_factors, dtype=np.float64)[:, None]
-    return s - cascade.thresholds[weak][None, :] * nf < 0.0
+    v = inv_norm_factors(norm_factors)[:, None]
+    return s * v < cascade.thresholds[weak][None, :]
 
 
 def stage_scores(

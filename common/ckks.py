@@ -78,6 +78,7 @@ __all__ = [
     "prepare_block",
     "prepare_query",
     "match_block",
+    "match_prepared",
     "decrypt_squared_distances",
     "decrypt_distances",
     "assign",
@@ -696,6 +697,11 @@ def match_block(public: PublicContext, block, query) -> bytes:
     return _wrap(public, KIND_RESULT, 0, _save_bytes(_match_prepared(public, g, q)))
 
 
+def match_prepared(public: PublicContext, block_cts: list, query_cts: list) -> bytes:
+    """Server: a prepared block x a prepared query -> serialised result ciphertext."""
+    return _wrap(public, KIND_RESULT, 0, _save_bytes(_match_prepared(public, block_cts, query_cts)))
+
+
 class PreparedGallery:
     """Server-side cache of a family's deserialised gallery blocks.
 
@@ -715,6 +721,10 @@ class PreparedGallery:
     @property
     def capacity(self) -> int:
         return len(self._blocks) * self.public.layout.entries_per_block
+
+    def block(self, index: int) -> list:
+        """The prepared (deserialised) ciphertexts of block ``index``."""
+        return self._blocks[index]
 
     def set_block(self, index: int, block: Sequence[bytes]) -> None:
         if not 0 <= index <= len(self._blocks):

@@ -12,12 +12,12 @@ class MalformedInputError(PrivfaceError, ValueError):
     """Input of the wrong shape, size or encoding (gRPC INVALID_ARGUMENT)."""
 
 
-class KeyMismatchError(PrivfaceError):
-    """Data encrypted under another key or key version (gRPC FAILED_PRECONDITION)."""
-
-
 class PreconditionError(PrivfaceError):
     """The call needs state that does not exist yet (gRPC FAILED_PRECONDITION)."""
+
+
+class KeyMismatchError(PreconditionError):
+    """Data encrypted under another key or key version (gRPC FAILED_PRECONDITION)."""
 
 
 class NotFoundError(PrivfaceError, KeyError):

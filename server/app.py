@@ -13,6 +13,8 @@ from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2
                          family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
 from server.config import ServerConfig
 from server.label_index import LabelSearch
+from server.gallery import GalleryService
+from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
 from server.servicers.photos import PhotoServicer
 from server.storage import Store
@@ -36,9 +38,12 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
                          options=options)
-    family_pb2_grpc.add_FamilyServiceServicer_to_server(FamilyServicer(store, config), server)
+    gallery = GalleryService(store)
+    family_pb2_grpc.add_FamilyServiceServicer_to_server(
+        FamilyServicer(store, config, on_context_change=gallery.forget), server)
     photos_pb2_grpc.add_PhotoServiceServicer_to_server(
         PhotoServicer(store, config, search), server)
+    faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery), server)
     _add_optional_servicers(server, store, config)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -52,13 +57,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
 
 
 def _add_optional_servicers(server: grpc.Server, store: Store, config: ServerConfig) -> None:
-    """Face matching and detection servicers (registered when their modules exist)."""
-    try:
-        from server.servicers.faces import FaceServicer
-    except ImportError:
-        log.warning("FaceService not available")
-    else:
-        faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, config), server)
+    """The detection servicer (registered when its module exists)."""
     try:
         from server.servicers.detection import DetectorServicer
     except ImportError:

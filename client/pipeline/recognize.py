@@ -12,16 +12,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from common.errors import MalformedInputError
+
 EMBEDDING_DIM = 128
 
 Box = tuple[int, int, int, int]
 
 
-class NoFaceError(ValueError):
+class NoFaceError(MalformedInputError):
     """No face found where exactly one was required."""
 
 
-class MultipleFacesError(ValueError):
+class MultipleFacesError(MalformedInputError):
     """Several faces found where exactly one was required."""
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from common import ckks
 from common.errors import MalformedInputError
 from privface.v1 import family_pb2, family_pb2_grpc
 from server.auth import authenticate
@@ -64,8 +65,11 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
         # Validate before storing: it must parse as a CKKS context and hold no secret key.
         data = b"".join(checked)
         checked.verify(last_sha[0])
-        from common import ckks  # tenseal is heavy; import on first use
-        galois = ckks.validate_public_context(data)
+        try:
+            public = ckks.load_public_context(data)
+        except ValueError as exc:
+            raise MalformedInputError(f"not a usable public CKKS context: {exc}") from exc
+        galois = len(public.layout.rotation_steps)
         size = self.store.store_public_context(family.family_id, iter([data]))
         if self._on_context_change:
             self._on_context_change(family.family_id)

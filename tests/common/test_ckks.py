@@ -289,7 +289,7 @@ def test_lfw_decision_parity(secret, public):
     for i, (a, b, same) in enumerate(usable):
         got = _distances(secret, prepared.match(ckks.encrypt_query(secret, b)), len(gallery))
         plain = np.linalg.norm(gallery - b, axis=1)
-        assert np.abs(got - plain).max() < 1e-4
+        assert np.abs(got**2 - plain**2).max() < 1e-4  # squared: sqrt amplifies noise at 0
         assert np.array_equal(got <= ckks.TOLERANCE, plain <= ckks.TOLERANCE)
         agree += (plain[i] <= ckks.TOLERANCE) == same
     assert agree >= 0.85 * len(usable)  # face_recognition itself is ~99% on LFW

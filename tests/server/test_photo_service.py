@@ -16,7 +16,7 @@ from client.pipeline import photos as pipeline
 from client.pipeline.family import create_family
 from client.rpc import Credentials, PrivfaceClient, ServerUnavailableError
 from common import labels
-from common.errors import (AuthenticationError, KeyMismatchError, LimitExceededError,
+from common.errors import (AuthenticationError, PreconditionError, LimitExceededError,
                            MalformedInputError, NotFoundError)
 from privface.v1 import photos_pb2
 from tests.conftest import require_data
@@ -98,7 +98,7 @@ def test_search_never_returns_another_familys_photo(stored, address) -> None:
             other_client.delete_photo(ids["mum"])
         # The other family's query under its own key, sent with our key id: refused.
         query = pipeline.encrypt_query(other, [0], labels.MatchMode.ALL)
-        with pytest.raises((KeyMismatchError, MalformedInputError)):
+        with pytest.raises((PreconditionError, MalformedInputError)):
             client.search_photos(query, other.label_key.fingerprint())
     assert mine.photo_id not in _search(client, bundle, ["Mum"])
 
@@ -129,7 +129,7 @@ def test_precise_errors(family, address) -> None:
         client.backup_photo("not-an-id", b"x", labels_ct, fp)
     with pytest.raises(MalformedInputError, match="float64"):
         client.backup_photo(secrets.token_hex(16), b"x", labels_ct[:-8], fp)
-    with pytest.raises(KeyMismatchError):
+    with pytest.raises(PreconditionError):
         client.backup_photo(secrets.token_hex(16), b"x", labels_ct, b"\0" * 16)
     with pytest.raises(LimitExceededError):
         client.backup_photo(secrets.token_hex(16), b"x" * (9 * 1024 * 1024), labels_ct, fp)

@@ -1,0 +1,154 @@
+"""The family's CKKS-encrypted face gallery on the server: add, remove, match.
+
+The server holds the family's public context (relinearisation + 4 rotation keys, no
+secret key) and the packed gallery blocks. Deserialised blocks are cached in memory per
+family; every change goes to SQLite first, then to the cache, under the family's lock.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from common import ckks
+from common.errors import MalformedInputError, PreconditionError
+from server.storage import Family, Store
+
+MAX_FACES_PER_QUERY = 64
+
+
+def pack_ciphertexts(items: list[bytes]) -> bytes:
+    """Length-prefixed concatenation (how a block is kept in one SQLite row)."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def unpack_ciphertexts(data: bytes) -> list[bytes]:
+    """Inverse of pack_ciphertexts."""
+    items, off = [], 0
+    while off < len(data):
+        (n,) = struct.unpack_from("<I", data, off)
+        items.append(data[off + 4:off + 4 + n])
+        off += 4 + n
+    return items
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """Encrypted squared distances of one query face to one block."""
+
+    face: int
+    block: int
+    distances: bytes
+    position_slots: list[int]
+
+
+class _FamilyGallery:
+    def __init__(self, public: ckks.PublicContext, blocks: list[list[bytes]]) -> None:
+        self.public = public
+        self.prepared = ckks.PreparedGallery(public, blocks)
+        self.lock = threading.Lock()
+
+
+def _invalid(exc: ValueError) -> MalformedInputError:
+    return MalformedInputError(f"{exc}")
+
+
+class GalleryService:
+    """Gallery operations for authenticated families."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._galleries: dict[str, _FamilyGallery] = {}
+        self._lock = threading.Lock()
+
+    def forget(self, family_id: str) -> None:
+        """Drops the cache (after a new public context upload)."""
+        with self._lock:
+            self._galleries.pop(family_id, None)
+
+    def _gallery(self, family: Family) -> _FamilyGallery:
+        with self._lock:
+            gallery = self._galleries.get(family.family_id)
+            if gallery is None:
+                path = self.store.public_context_path(family)
+                if path is None:
+                    raise PreconditionError(
+                        "this family has no public CKKS context yet: the phone uploads it "
+                        "once (privface enroll does so automatically)")
+                try:
+                    public = ckks.load_public_context(path.read_bytes())
+                except ValueError as exc:
+                    raise PreconditionError(f"stored public context is unusable: {exc}") from exc
+                layout = self.store.gallery_layout(family.family_id)
+                blocks = [unpack_ciphertexts(self.store.gallery_block(family.family_id, b) or b"")
+                          for b in sorted(layout)]
+                gallery = _FamilyGallery(public, blocks)
+                self._galleries[family.family_id] = gallery
+            return gallery
+
+    def layout(self, family: Family) -> tuple[ckks.GalleryLayout, dict[int, list[int]]]:
+        """The packing layout and each block's position slots (-1 = dead)."""
+        gallery = self._gallery(family)
+        return gallery.public.layout, self.store.gallery_layout(family.family_id)
+
+    def add_entries(self, family: Family, slot: int, block: int, first_position: int,
+                    count: int, ciphertexts: list[bytes]) -> int:
+        """Adds ``count`` encrypted entries at the next free positions of ``block``."""
+        gallery = self._gallery(family)
+        lay = gallery.public.layout
+        with gallery.lock:
+            layout = self.store.gallery_layout(family.family_id)
+            n_blocks = len(layout)
+            if not 1 <= count <= lay.entries_per_block:
+                raise MalformedInputError(f"count must be within 1..{lay.entries_per_block}")
+            if block == n_blocks:
+                stored, used = None, 0
+            elif block == n_blocks - 1:
+                stored = unpack_ciphertexts(self.store.gallery_block(family.family_id, block))
+                used = len(layout[block])
+            else:
+                raise PreconditionError(
+                    f"entries may only go into the last block ({n_blocks - 1}) or a new one "
+                    f"({n_blocks}): fetch the gallery layout and retry")
+            if first_position != used:
+                raise PreconditionError(
+                    f"block {block} has its next free position at {used}, not "
+                    f"{first_position}: another phone enrolled meanwhile, fetch the layout "
+                    "and retry")
+            if used + count > lay.entries_per_block:
+                raise MalformedInputError(
+                    f"{count} entries from position {used} overflow block {block} "
+                    f"({lay.entries_per_block} entries per block)")
+            try:
+                merged = ckks.add_into_block(gallery.public, stored, ciphertexts)
+                gallery.prepared.set_block(block, merged)
+            except ValueError as exc:
+                raise _invalid(exc) from exc
+            self.store.put_gallery_block(family.family_id, block, pack_ciphertexts(merged),
+                                         used, [slot] * count)
+        return self.store.family_counts(family.family_id)[1]
+
+    def remove_slot(self, family: Family, slot: int) -> int:
+        """Marks a member's entries dead (their ciphertexts stay until the block is rebuilt)."""
+        return self.store.kill_gallery_slot(family.family_id, slot)
+
+    def match(self, family: Family, faces: list[list[bytes]]) -> Iterator[BlockResult]:
+        """Encrypted squared distances of each face to each block, block by block."""
+        if not 1 <= len(faces) <= MAX_FACES_PER_QUERY:
+            raise MalformedInputError(f"send 1..{MAX_FACES_PER_QUERY} faces per call")
+        gallery = self._gallery(family)
+        layout = self.store.gallery_layout(family.family_id)
+        if not layout:
+            raise PreconditionError("the family gallery is empty: enroll members first")
+        try:
+            queries = [ckks.prepare_query(gallery.public, face) for face in faces]
+        except ValueError as exc:
+            raise _invalid(exc) from exc
+        for block in sorted(layout):
+            with gallery.lock:
+                prepared_block = gallery.prepared.block(block)
+            for i, query in enumerate(queries):
+                result = ckks.match_prepared(gallery.public, prepared_block, query)
+                yield BlockResult(i, block, result, layout[block])

@@ -1,0 +1,64 @@
+"""FaceService: the encrypted gallery and encrypted matching (thin: see server/gallery.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from privface.v1 import faces_pb2, faces_pb2_grpc
+from server.auth import authenticate
+from server.errors import grpc_errors
+from server.gallery import GalleryService
+from server.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
+    """Gallery and matching for authenticated families."""
+
+    def __init__(self, store: Store, gallery: GalleryService) -> None:
+        self.store = store
+        self.gallery = gallery
+
+    @grpc_errors
+    def AddGalleryEntries(self, request: faces_pb2.AddGalleryEntriesRequest,
+                          context: grpc.ServicerContext) -> faces_pb2.AddGalleryEntriesResponse:
+        family = authenticate(self.store, context)
+        total = self.gallery.add_entries(family, request.slot, request.block,
+                                         request.first_position, request.count,
+                                         list(request.ciphertexts.items))
+        log.info("family %s: %d gallery entries added to block %d", family.family_id,
+                 request.count, request.block)
+        return faces_pb2.AddGalleryEntriesResponse(gallery_entry_count=total)
+
+    @grpc_errors
+    def RemoveGallerySlot(self, request: faces_pb2.RemoveGallerySlotRequest,
+                          context: grpc.ServicerContext) -> faces_pb2.RemoveGallerySlotResponse:
+        family = authenticate(self.store, context)
+        return faces_pb2.RemoveGallerySlotResponse(
+            removed=self.gallery.remove_slot(family, request.slot))
+
+    @grpc_errors
+    def GetGalleryLayout(self, request: faces_pb2.GetGalleryLayoutRequest,
+                         context: grpc.ServicerContext) -> faces_pb2.GetGalleryLayoutResponse:
+        family = authenticate(self.store, context)
+        layout, blocks = self.gallery.layout(family)
+        return faces_pb2.GetGalleryLayoutResponse(
+            dims_per_ciphertext=layout.k, entries_per_block=layout.entries_per_block,
+            blocks=[faces_pb2.GalleryBlock(block=b, position_slots=slots)
+                    for b, slots in sorted(blocks.items())])
+
+    @grpc_errors
+    def MatchFaces(self, request: faces_pb2.MatchFacesRequest,
+                   context: grpc.ServicerContext) -> Iterator[faces_pb2.MatchFacesResponse]:
+        family = authenticate(self.store, context)
+        faces = [list(face.items) for face in request.faces]
+        for result in self.gallery.match(family, faces):
+            if not context.is_active():  # the phone gave up: stop computing
+                return
+            yield faces_pb2.MatchFacesResponse(face=result.face, block=result.block,
+                                               distances=result.distances,
+                                               position_slots=result.position_slots)
