@@ -44,6 +44,7 @@ from common.cascade import (  # noqa: E402
 from client.pipeline.windows import (  # noqa: E402
     ScanParams,
     apply_skip_rule,
+    detect_plain,
     group_boxes,
     scan_windows,
 )
@@ -57,7 +58,9 @@ def photo_list(lfw_count: int) -> list[Path]:
     photos = DATA / "photos"
     files: list[Path] = []
     for pattern in ("dlib_examples_group/*", "group_*/*", "people/*/*"):
-        files += sorted(p for p in photos.glob(pattern) if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        files += sorted(
+            p for p in photos.glob(pattern) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}
+        )
     lfw = sorted((DATA / "lfw" / "images").glob("*/*.jpg"))
     if lfw and lfw_count > 0:
         idx = np.linspace(0, len(lfw) - 1, num=min(lfw_count, len(lfw))).astype(int)
@@ -78,7 +81,9 @@ class Precision:
     min_abs_margin: float = float("inf")
     near_ties: dict[float, int] = field(default_factory=lambda: {lv: 0 for lv in NEAR_TIE_LEVELS})
 
-    def add(self, cascade: Cascade, px: np.ndarray, nf: np.ndarray, v: np.ndarray, sl: slice) -> None:
+    def add(
+        self, cascade: Cascade, px: np.ndarray, nf: np.ndarray, v: np.ndarray, sl: slice
+    ) -> None:
         s = feature_values(cascade, px, sl)
         lin = linear_margins(cascade, px, nf, sl)
         ref = opencv_weak_decisions(cascade, px, v, sl)
@@ -98,6 +103,16 @@ class Precision:
             self.min_abs_margin = min(self.min_abs_margin, float(np.abs(lin).min()))
         for lv in NEAR_TIE_LEVELS:
             self.near_ties[lv] += int((rel < lv).sum())
+
+
+    def merge(self, other: Precision) -> None:
+        for k in ("decisions", "mismatch_linear", "mismatch_exact", "mismatch_naive",
+                  "exact_ties"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.min_rel_margin = min(self.min_rel_margin, other.min_rel_margin)
+        self.min_abs_margin = min(self.min_abs_margin, other.min_abs_margin)
+        for lv in NEAR_TIE_LEVELS:
+            self.near_ties[lv] += other.near_ties[lv]
 
 
 @dataclass
@@ -150,8 +165,128 @@ def as_set(rects) -> set[tuple[int, int, int, int]]:
     return {tuple(int(v) for v in r) for r in np.asarray(rects).reshape(-1, 4)}
 
 
+def load_gray(path: Path, max_width: int) -> np.ndarray | None:
+    img = cv2.imread(str(path))
+    if img is None:
+        return None
+    gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if max_width and gray.shape[1] > max_width:
+        h = round(gray.shape[0] * max_width / gray.shape[1])
+        gray = cv2.resize(gray, (max_width, h), interpolation=cv2.INTER_AREA)
+    return gray
+
+
+def run_photo(
+    path: Path, gray: np.ndarray, cascade: Cascade, ocv: cv2.CascadeClassifier,
+    params: ScanParams, prec: Precision,
+) -> dict:
+    """Everything measured on one photo, as a JSON-ready dict."""
+    size = (gray.shape[1], gray.shape[0])
+    photo_prec = Precision()
+    st = scan_with_diagnostics(gray, cascade, params, photo_prec)
+    prec.merge(photo_prec)
+    cand = np.concatenate(st.candidates) if st.candidates else np.zeros((0, 4), np.int32)
+    ours = as_set(group_boxes(cand, params.min_neighbors, size))
+    # Timed separately: the instrumented scan above does much more work.
+    t0 = time.perf_counter()
+    plain = detect_plain(gray, cascade, params)
+    t_ours = time.perf_counter() - t0
+    if set(plain) != ours:
+        raise AssertionError(f"{path}: detect_plain differs from the instrumented scan")
+    t0 = time.perf_counter()
+    ref = as_set(ocv.detectMultiScale(gray, params.scale_factor, params.min_neighbors,
+                                      minSize=params.min_size))
+    t_cv = time.perf_counter() - t0
+    raw_ref = as_set(ocv.detectMultiScale(gray, params.scale_factor, 0, minSize=params.min_size))
+    # detectMultiScale clips its raw candidates to the image too (clipObjects).
+    raw_ours = as_set(group_boxes(cand, 0, size))
+    return dict(
+        photo=str(path.relative_to(DATA)), width=size[0], height=size[1],
+        positions=st.positions, low_contrast=st.low_contrast, skipped=st.skipped,
+        stage0_rejected_all=st.stage0_rejected_all,
+        reject_hist=st.reject_hist.tolist(), passed_all=int(st.reject_hist[-1]),
+        boxes_opencv=len(ref), boxes_ours=len(ours), matched=len(ours & ref),
+        extra=len(ours - ref), missing=len(ref - ours),
+        raw_opencv=len(raw_ref), raw_ours=len(raw_ours), raw_matched=len(raw_ours & raw_ref),
+        raw_extra=len(raw_ours - raw_ref),
+        min_rel_margin=photo_prec.min_rel_margin, linear_mismatches=photo_prec.mismatch_linear,
+        t_ours_s=round(t_ours, 4), t_opencv_s=round(t_cv, 4),
+    )
+
+
+HEADER = (f"{'photo':42s} {'size':>9s} {'windows':>9s} {'cv':>3s} {'ours':>4s} {'match':>5s} "
+          f"{'extra':>5s} {'miss':>4s} {'raw ok':>9s} {'t ours':>7s} {'t cv':>6s}")
+
+
+def print_row(r: dict) -> None:
+    raw_ok = f"{r['raw_matched']}/{r['raw_opencv']}"
+    print(f"{r['photo'][-42:]:42s} {r['width']:4d}x{r['height']:<4d} {r['positions']:9d} "
+          f"{r['boxes_opencv']:3d} {r['boxes_ours']:4d} {r['matched']:5d} {r['extra']:5d} "
+          f"{r['missing']:4d} {raw_ok:>9s} {r['t_ours_s']:7.2f} {r['t_opencv_s']:6.3f}", flush=True)
+
+
+def summarise(rows: list[dict], prec: Precision, n_stages: int) -> dict:
+    """Totals over all photos; printed and returned for the JSON file."""
+    def total(key: str) -> int:
+        return int(sum(r[key] for r in rows))
+
+    hist = np.sum([r["reject_hist"] for r in rows], axis=0).astype(np.int64)
+    evaluated = int(hist.sum())
+    positions = total("positions")
+    out = dict(
+        photos=len(rows),
+        parity_boxes_matched=total("matched"), parity_boxes_total=total("boxes_opencv"),
+        parity_extra_boxes=total("extra"), parity_missing_boxes=total("missing"),
+        parity_raw_candidates_matched=total("raw_matched"),
+        parity_raw_candidates_total=total("raw_opencv"), parity_raw_extra=total("raw_extra"),
+        time_detect_plain_s=round(sum(r["t_ours_s"] for r in rows), 3),
+        time_opencv_s=round(sum(r["t_opencv_s"] for r in rows), 3),
+        windows=dict(positions=positions, low_contrast=total("low_contrast"),
+                     skipped=total("skipped"), stage0_rejected_all=total("stage0_rejected_all"),
+                     evaluated=evaluated, reject_hist=hist.tolist()),
+        precision=dict(decisions=prec.decisions, mismatch_linear=prec.mismatch_linear,
+                       mismatch_exact=prec.mismatch_exact,
+                       mismatch_plain_threshold=prec.mismatch_naive, exact_ties=prec.exact_ties,
+                       min_rel_margin=prec.min_rel_margin, min_abs_margin=prec.min_abs_margin,
+                       near_ties={f"{lv:g}": n for lv, n in prec.near_ties.items()}),
+    )
+    pct = lambda n, d: f"{n / max(d, 1):.2%}"  # noqa: E731
+    print()
+    print(f"photos: {len(rows)}; boxes matched {out['parity_boxes_matched']}/"
+          f"{out['parity_boxes_total']}, extra {out['parity_extra_boxes']}, missing "
+          f"{out['parity_missing_boxes']}; raw candidates (minNeighbors=0) matched "
+          f"{out['parity_raw_candidates_matched']}/{out['parity_raw_candidates_total']}, "
+          f"extra {out['parity_raw_extra']}")
+    print(f"time: detect_plain {out['time_detect_plain_s']:.1f} s (numpy, one thread), "
+          f"OpenCV detectMultiScale {out['time_opencv_s']:.2f} s")
+    w = out["windows"]
+    print(f"windows: {positions} scan positions; low contrast {w['low_contrast']} "
+          f"({pct(w['low_contrast'], positions)}); skipped by the stage-0 rule {w['skipped']} "
+          f"({pct(w['skipped'], positions)}); evaluated {evaluated} ({pct(evaluated, positions)})")
+    print(f"stage 0 rejects {w['stage0_rejected_all']} of the "
+          f"{positions - w['low_contrast']} windows that are not low contrast "
+          f"({pct(w['stage0_rejected_all'], positions - w['low_contrast'])})")
+    print("evaluated windows by rejecting stage (share, cumulative share):")
+    cum = 0
+    for k, n in enumerate(hist):
+        cum += int(n)
+        label = f"stage {k:2d}" if k < n_stages else "passed  "
+        print(f"  {label}: {int(n):10d}  {pct(n, evaluated):>7s}  cum {pct(cum, evaluated):>7s}")
+    print(f"precision: {prec.decisions} weak decisions checked against OpenCV's float32: exact "
+          f"evaluation {prec.mismatch_exact} mismatches; naive float64 y.x - theta*nf: "
+          f"{prec.mismatch_linear}; float64 with the plain float32 threshold: "
+          f"{prec.mismatch_naive}")
+    print(f"exact ties S*v == theta: {prec.exact_ties}; min |y.x - theta*nf|/nf = "
+          f"{prec.min_rel_margin:.3e}; min |y.x - theta*nf| = {prec.min_abs_margin:.3e}")
+    print("near ties, |y.x - theta*nf|/nf below: "
+          + ", ".join(f"{lv:g}: {n}" for lv, n in prec.near_ties.items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--json", required=True, help="write results to this JSON file")
     ap.add_argument("--limit", type=int, default=0, help="at most N photos (0 = all)")
     ap.add_argument("--lfw", type=int, default=60, help="LFW images to include (default 60)")
@@ -161,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-size", type=int, default=0)
     args = ap.parse_args(argv)
 
-    if not DATA.is_dir():
-        print(f"../shared/data is absent: {DATA}", file=sys.stderr)
+    if not (DATA / "photos").is_dir():
+        print(f"../shared/data is absent: {DATA} not found", file=sys.stderr)
         return 2
     cascade = load_cascade()
     ocv = cv2.CascadeClassifier(default_cascade_path())
@@ -173,115 +308,22 @@ def main(argv: list[str] | None = None) -> int:
 
     prec = Precision()
     rows = []
-    tot = dict(matched=0, total=0, extra=0, missing=0, raw_matched=0, raw_total=0, raw_extra=0,
-               t_ours=0.0, t_cv=0.0)
-    hist_all = np.zeros(cascade.n_stages + 1, np.int64)
-    agg = dict(positions=0, low_contrast=0, skipped=0, stage0_rejected_all=0)
-    hdr = f"{'photo':42s} {'size':>9s} {'windows':>9s} {'cv':>3s} {'ours':>4s} {'match':>5s} {'extra':>5s} {'miss':>4s} {'raw ok':>7s} {'t ours':>7s} {'t cv':>6s}"
-    print(hdr)
+    print(HEADER)
     for path in files:
-        img = cv2.imread(str(path))
-        if img is None:
+        gray = load_gray(path, args.max_width)
+        if gray is None:
             continue
-        gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        if args.max_width and gray.shape[1] > args.max_width:
-            h = round(gray.shape[0] * args.max_width / gray.shape[1])
-            gray = cv2.resize(gray, (args.max_width, h), interpolation=cv2.INTER_AREA)
-        photo_prec = Precision()
-        t0 = time.perf_counter()
-        st = scan_with_diagnostics(gray, cascade, params, photo_prec)
-        cand = np.concatenate(st.candidates) if st.candidates else np.zeros((0, 4), np.int32)
-        ours = as_set(group_boxes(cand, params.min_neighbors, (gray.shape[1], gray.shape[0])))
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ref = as_set(ocv.detectMultiScale(gray, params.scale_factor, params.min_neighbors,
-                                           minSize=params.min_size))
-        t_cv = time.perf_counter() - t0
-        raw_ref = as_set(ocv.detectMultiScale(gray, params.scale_factor, 0, minSize=params.min_size))
-        # detectMultiScale clips its raw candidates to the image too (clipObjects).
-        raw_ours = as_set(group_boxes(cand, 0, (gray.shape[1], gray.shape[0])))
-        matched = len(ours & ref)
-        row = dict(
-            photo=str(path.relative_to(DATA)), width=gray.shape[1], height=gray.shape[0],
-            positions=st.positions, low_contrast=st.low_contrast, skipped=st.skipped,
-            stage0_rejected_all=st.stage0_rejected_all,
-            reject_hist=st.reject_hist.tolist(), passed_all=int(st.reject_hist[-1]),
-            boxes_opencv=len(ref), boxes_ours=len(ours), matched=matched,
-            extra=len(ours - ref), missing=len(ref - ours),
-            raw_opencv=len(raw_ref), raw_ours=len(raw_ours), raw_matched=len(raw_ours & raw_ref),
-            min_rel_margin=photo_prec.min_rel_margin, linear_mismatches=photo_prec.mismatch_linear,
-            t_ours_s=round(t_ours, 4), t_opencv_s=round(t_cv, 4),
-        )
-        rows.append(row)
-        for k in ("decisions", "mismatch_linear", "mismatch_exact", "mismatch_naive", "exact_ties"):
-            setattr(prec, k, getattr(prec, k) + getattr(photo_prec, k))
-        prec.min_rel_margin = min(prec.min_rel_margin, photo_prec.min_rel_margin)
-        prec.min_abs_margin = min(prec.min_abs_margin, photo_prec.min_abs_margin)
-        for lv in NEAR_TIE_LEVELS:
-            prec.near_ties[lv] += photo_prec.near_ties[lv]
-        tot["matched"] += matched
-        tot["total"] += len(ref)
-        tot["extra"] += len(ours - ref)
-        tot["missing"] += len(ref - ours)
-        tot["raw_matched"] += len(raw_ours & raw_ref)
-        tot["raw_total"] += len(raw_ref)
-        tot["raw_extra"] += len(raw_ours - raw_ref)
-        tot["t_ours"] += t_ours
-        tot["t_cv"] += t_cv
-        hist_all += st.reject_hist
-        for k in agg:
-            agg[k] += row[k]
-        raw_ok = f"{len(raw_ours & raw_ref)}/{len(raw_ref)}"
-        print(f"{row['photo'][-42:]:42s} {gray.shape[1]:4d}x{gray.shape[0]:<4d} {st.positions:9d} "
-              f"{len(ref):3d} {len(ours):4d} {matched:5d} {len(ours - ref):5d} {len(ref - ours):4d} "
-              f"{raw_ok:>7s} {t_ours:7.2f} {t_cv:6.3f}", flush=True)
-
-    visited_eval = int(hist_all.sum())
-    print()
-    print(f"photos: {len(rows)}  boxes matched {tot['matched']}/{tot['total']}, extra {tot['extra']}, "
-          f"missing {tot['missing']}; raw candidates matched {tot['raw_matched']}/{tot['raw_total']}, "
-          f"extra {tot['raw_extra']}")
-    print(f"time: detect_plain {tot['t_ours']:.1f} s, OpenCV detectMultiScale {tot['t_cv']:.2f} s")
-    print(f"windows: {agg['positions']} positions, {agg['low_contrast']} low contrast "
-          f"({agg['low_contrast'] / max(agg['positions'], 1):.1%}), {agg['skipped']} skipped by the "
-          f"stage-0 rule ({agg['skipped'] / max(agg['positions'], 1):.1%}), {visited_eval} evaluated")
-    print("rejected by stage (share of evaluated windows, cumulative):")
-    cum = 0
-    for k, n in enumerate(hist_all):
-        cum += n
-        label = f"stage {k:2d}" if k < cascade.n_stages else "passed  "
-        if k < 6 or k >= cascade.n_stages - 1:
-            print(f"  {label}: {n:10d}  {n / max(visited_eval, 1):8.4%}  cum {cum / max(visited_eval, 1):8.4%}")
-    print(f"precision: {prec.decisions} weak decisions; float64 linear form vs OpenCV float32: "
-          f"{prec.mismatch_linear} mismatches (exact evaluation: {prec.mismatch_exact}; plain "
-          f"float32 threshold: {prec.mismatch_naive}); min |y.x - theta*nf|/nf = {prec.min_rel_margin:.3e}, "
-          f"min |y.x - theta*nf| = {prec.min_abs_margin:.3e}")
-    print(f"exact ties (S*v == theta): {prec.exact_ties}")
-    print("near ties (|y.x - theta*nf|/nf below): "
-          + ", ".join(f"{lv:g}: {n}" for lv, n in prec.near_ties.items()))
-
-    out = dict(
-        cascade=cascade.name, params=dict(scale_factor=params.scale_factor,
-                                          min_neighbors=params.min_neighbors,
-                                          min_size=list(params.min_size)),
-        opencv_version=cv2.__version__, photos=len(rows),
-        parity_boxes_matched=tot["matched"], parity_boxes_total=tot["total"],
-        parity_extra_boxes=tot["extra"], parity_missing_boxes=tot["missing"],
-        parity_raw_candidates_matched=tot["raw_matched"], parity_raw_candidates_total=tot["raw_total"],
-        parity_raw_extra=tot["raw_extra"],
-        time_detect_plain_s=round(tot["t_ours"], 3), time_opencv_s=round(tot["t_cv"], 3),
-        windows=dict(agg, evaluated=visited_eval, reject_hist=hist_all.tolist()),
-        precision=dict(decisions=prec.decisions, mismatch_linear=prec.mismatch_linear,
-                       mismatch_exact_product=prec.mismatch_exact,
-                       mismatch_plain_threshold=prec.mismatch_naive, exact_ties=prec.exact_ties,
-                       min_rel_margin=prec.min_rel_margin, min_abs_margin=prec.min_abs_margin,
-                       near_ties={f"{lv:g}": n for lv, n in prec.near_ties.items()}),
-        per_photo=rows,
-    )
+        rows.append(run_photo(path, gray, cascade, ocv, params, prec))
+        print_row(rows[-1])
+    out = dict(cascade=cascade.name, opencv_version=cv2.__version__,
+               params=dict(scale_factor=params.scale_factor,
+                           min_neighbors=params.min_neighbors, min_size=list(params.min_size)),
+               **summarise(rows, prec, cascade.n_stages), per_photo=rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.json}")
-    return 0 if tot["matched"] == tot["total"] and tot["extra"] == 0 else 1
+    ok = out["parity_boxes_matched"] == out["parity_boxes_total"] and not out["parity_extra_boxes"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ from typing import Any, TypeVar
 import grpc
 
 from common import errors
-from privface.v1 import (detection_pb2_grpc, faces_pb2, faces_pb2_grpc, family_pb2,
-                         family_pb2_grpc,
-                         photos_pb2, photos_pb2_grpc)
+from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2_grpc,
+                         family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
 
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -229,3 +228,24 @@ class PrivfaceClient:
         request = faces_pb2.MatchFacesRequest(faces=[faces_pb2.Ciphertexts(items=f)
                                                      for f in faces])
         return list(self.stream(self.faces.MatchFaces, request, timeout=UPLOAD_TIMEOUT))
+
+    # -- detectors -----------------------------------------------------------------------
+
+    def publish_detector(self, header: detection_pb2.DetectorHeader, matrix: bytes,
+                         vendor_token: str) -> detection_pb2.PublishDetectorResponse:
+        """Uploads an encrypted detector (header, then 1 MiB chunks) with the vendor token."""
+        def requests() -> Iterator[detection_pb2.PublishDetectorRequest]:
+            yield detection_pb2.PublishDetectorRequest(header=header)
+            for start in range(0, len(matrix), CHUNK_BYTES):
+                yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + CHUNK_BYTES])
+        try:
+            return self.detector.PublishDetector(
+                requests(), timeout=UPLOAD_TIMEOUT,
+                metadata=(("authorization", f"Bearer {vendor_token}"),))
+        except grpc.RpcError as exc:
+            raise translate(exc, self.address) from None
+
+    def list_detectors(self) -> list[detection_pb2.DetectorInfo]:
+        """Published detectors (public descriptions only)."""
+        return list(self.call(self.detector.ListDetectors, detection_pb2.ListDetectorsRequest(),
+                              auth=False).detectors)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,7 +16,9 @@ from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2
                          family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
 from server.config import ServerConfig
 from server.label_index import LabelSearch
+from server.detection import DetectorRegistry
 from server.gallery import GalleryService
+from server.servicers.detection import DetectorServicer
 from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
 from server.servicers.photos import PhotoServicer
@@ -44,7 +49,9 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     photos_pb2_grpc.add_PhotoServiceServicer_to_server(
         PhotoServicer(store, config, search), server)
     faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery), server)
-    _add_optional_servicers(server, store, config)
+    registry = DetectorRegistry(store, config.max_window_batch)
+    detection_pb2_grpc.add_DetectorServiceServicer_to_server(
+        DetectorServicer(store, registry, vendor_token(config)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in SERVICE_NAMES + [""]:
@@ -56,12 +63,16 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     return server, port, health_servicer
 
 
-def _add_optional_servicers(server: grpc.Server, store: Store, config: ServerConfig) -> None:
-    """The detection servicer (registered when its module exists)."""
-    try:
-        from server.servicers.detection import DetectorServicer
-    except ImportError:
-        log.warning("DetectorService not available")
-    else:
-        detection_pb2_grpc.add_DetectorServiceServicer_to_server(
-            DetectorServicer(store, config), server)
+def vendor_token(config: ServerConfig) -> str:
+    """The token vendors publish detectors with: PRIVFACE_VENDOR_TOKEN, else a random one
+    kept in <data_dir>/vendor.token (mode 0600; its path is logged, never the token)."""
+    if config.vendor_token:
+        return config.vendor_token
+    path = Path(config.data_dir) / "vendor.token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        log.info("created the vendor token in %s", path)
+    return path.read_text().strip()

@@ -25,6 +25,7 @@ class ServerConfig:
     max_window_batch: int = 65_536
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+    vendor_token: str = ""  # empty: a random token in <data_dir>/vendor.token
 
     @property
     def address(self) -> str:

@@ -331,11 +331,21 @@ class Store:
     # -- detectors -----------------------------------------------------------------------
 
     def put_detector(self, detector_id: str, key_version: int, key_fp: bytes, header: bytes,
-                     matrix_chunks: Iterator[bytes]) -> int:
-        """Stores a detector's encrypted matrix file and header (replacing the same version)."""
-        name = f"{detector_id}.v{key_version}.{secrets.token_hex(6)}.bin"
+                     matrix_chunks: Iterator[bytes], verify=None) -> int:
+        """Stores a detector's encrypted matrix file and header (replacing the same version).
+
+        ``verify()`` runs once the file is durable and before the row commits; if it raises,
+        the file is removed and nothing changes.
+        """
+        name = f"{secrets.token_hex(8)}.v{key_version}.detector"
         path = self.blob_root / "_detectors" / name
-        size = write_file_atomically(path, matrix_chunks)
+        try:
+            size = write_file_atomically(path, matrix_chunks)
+            if verify is not None:
+                verify()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         with self._tx() as db:
             old = db.execute("SELECT matrix_file FROM detectors WHERE detector_id = ? AND "
                              "key_version = ?", (detector_id, key_version)).fetchone()
@@ -373,7 +383,7 @@ class Store:
         named |= {r[0] for r in db.execute("SELECT matrix_file FROM detectors")}
         removed = 0
         for path in self.blob_root.rglob("*"):
-            if path.is_file() and path.name not in named:
+            if path.is_file() and path.name not in named and path.name != "vendor.token":
                 path.unlink(missing_ok=True)
                 removed += 1
         if removed:

@@ -8,8 +8,15 @@ and around the cascade, so that :func:`detect_plain` returns the same boxes:
    the window ``cvRound(win * factor)`` stops the loop once it exceeds ``max_size`` or
    the image, and is skipped while smaller than ``min_size``. Each kept factor is
    stored as float32.
-2. Layer size ``cvRound(W / scale)`` computed in float32; the layer is
-   ``cv2.resize(gray, size, INTER_LINEAR)``; step 2 when ``scale < 2`` else 1.
+2. Layer size ``cvRound(W / scale)`` computed in float32; step 2 when ``scale < 2``
+   else 1. The layer is ``cv2.resize(gray, size, interpolation=INTER_LINEAR_EXACT)``:
+   OpenCV's source (``FeatureEvaluator::setImage``, as stored for 4.x) asks for
+   ``INTER_LINEAR``, yet in the opencv-python 4.14 wheel a Python
+   ``cv2.resize(.., INTER_LINEAR)`` differs by +-1 grey level on about 10% of pixels
+   from the layers the detector really scans (with or without IPP), while
+   ``INTER_LINEAR_EXACT`` reproduces them: with it the raw candidates
+   (``min_neighbors=0``) of every tested photo are identical, without it they are not.
+   It is also the bit-exact, platform-independent variant, so a phone build agrees.
 3. Positions ``x = 0, step, .. <= layer_w - win_w`` (same for y).
 4. Normalisation over the inner rect ``(1, 1, win_w - 2, win_h - 2)`` (area 324 for a
    20x20 window): ``nf = sqrt(area * sum(x^2) - sum(x)^2)`` (exact integer sums, double
@@ -127,7 +134,9 @@ def _cv_round(a: np.ndarray | float) -> np.ndarray:
     return np.rint(a).astype(np.int64)
 
 
-def pyramid_levels(image_size: tuple[int, int], cascade: Cascade, params: ScanParams) -> list[ScaleLevel]:
+def pyramid_levels(
+    image_size: tuple[int, int], cascade: Cascade, params: ScanParams
+) -> list[ScaleLevel]:
     """The scales detectMultiScale scans, with layer sizes, steps and positions.
 
     Args:

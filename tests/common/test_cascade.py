@@ -79,10 +79,12 @@ def _window_images(n: int, seed: int) -> np.ndarray:
     yy, xx = np.mgrid[0:20, 0:20]
     out = np.empty((n, 400), dtype=np.uint8)
     for i in range(n):
-        base = rng.uniform(40, 200) + rng.uniform(-4, 4) * (yy - 10) + rng.uniform(-4, 4) * (xx - 10)
+        gy, gx = rng.uniform(-4, 4, size=2)
+        base = rng.uniform(40, 200) + gy * (yy - 10) + gx * (xx - 10)
         for _ in range(3):  # dark blobs (eyes, mouth)
             cy, cx, r = rng.uniform(3, 17), rng.uniform(3, 17), rng.uniform(1, 4)
-            base = base - rng.uniform(0, 90) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            base = base - rng.uniform(0, 90) * blob
         img = base + rng.normal(0, rng.uniform(1, 25), size=(20, 20))
         out[i] = np.clip(np.rint(img), 0, 255).astype(np.uint8).ravel()
     return out

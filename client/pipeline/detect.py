@@ -1,0 +1,223 @@
+"""Secure face detection, phone side (steps 2-3): scan, encrypt, stream, group.
+
+The phone builds OpenCV's pyramid and windows (client/pipeline/windows.py), encrypts them
+under the vendor's product key and streams them over one bidirectional DetectFaces call;
+the server answers one outcome per window, never a score. The phone then applies OpenCV's
+skip rule and groups the candidate rectangles, so the boxes equal
+``cv2.CascadeClassifier.detectMultiScale`` at the scan parameters used.
+
+Two modes (docs/detection.md has the measurements and what the server learns in each):
+
+* ``faithful``: the seed paper's protocol at OpenCV's default parameters: every window of
+  the pyramid, float64, one round, in scan order.
+* ``default``: the photo scaled to a 640-pixel working resolution, scale factor 1.25, faces
+  of at least 40 px; low-contrast windows (which OpenCV rejects before any classifier)
+  not sent; a float32 prefix round on a 66-dim projection for the first 3 stages, then
+  float32 full windows only for the survivors that OpenCV visits; any UNCERTAIN window
+  re-sent in float64; windows shuffled inside every batch so the server sees no positions.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import grpc
+import numpy as np
+
+from client.pipeline.windows import ScanParams, WindowBatch, apply_skip_rule, group_boxes, \
+    scan_windows
+from client.rpc import PrivfaceClient, translate
+from common import secure_cascade as sc
+from common.errors import MalformedInputError
+from privface.v1 import detection_pb2
+
+log = logging.getLogger(__name__)
+
+DETECT_TIMEOUT = 1800.0
+
+
+@dataclass(frozen=True)
+class DetectionMode:
+    """How a photo is scanned and uploaded."""
+
+    name: str
+    working_long_side: int | None  # scale the photo so its long side is this (None: as is)
+    params: ScanParams
+    encoding: sc.Encoding
+    prefix_round: bool
+    omit_low_contrast: bool
+    shuffle: bool
+
+
+FAITHFUL = DetectionMode("faithful", None, ScanParams(), sc.Encoding.FLOAT64,
+                         prefix_round=False, omit_low_contrast=False, shuffle=False)
+DEFAULT = DetectionMode("default", 640, ScanParams(scale_factor=1.25, min_neighbors=2,
+                                                   min_size=(40, 40)),
+                        sc.Encoding.FLOAT32, prefix_round=True, omit_low_contrast=True,
+                        shuffle=True)
+MODES = {m.name: m for m in (DEFAULT, FAITHFUL)}
+
+
+@dataclass
+class DetectionReport:
+    """Boxes (x, y, w, h in the original photo) and what it cost."""
+
+    boxes: list[tuple[int, int, int, int]]
+    positions: int = 0
+    windows_sent: int = 0
+    bytes_uploaded: int = 0
+    batches: int = 0
+    resent_float64: int = 0
+    phone_ms: float = 0.0
+    server_ms: float = 0.0
+    total_ms: float = 0.0
+    scale: float = 1.0
+    candidates: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+
+class _Stream:
+    """One DetectFaces call driven synchronously: send a batch, read its outcomes."""
+
+    def __init__(self, client: PrivfaceClient, key: sc.ProductKey) -> None:
+        self._client = client
+        self._requests: queue.Queue = queue.Queue()
+        self._requests.put(detection_pb2.DetectFacesRequest(
+            session=detection_pb2.DetectionSession(detector_id=key.detector_id,
+                                                   key_version=key.version,
+                                                   key_fingerprint=key.fingerprint())))
+        self._responses = client.detector.DetectFaces(iter(self._requests.get, None),
+                                                      timeout=DETECT_TIMEOUT,
+                                                      metadata=client.metadata())
+        self._next_id = 0
+
+    def run(self, batch: detection_pb2.WindowBatch, report: DetectionReport) -> np.ndarray:
+        batch.batch_id = self._next_id
+        self._next_id += 1
+        request = detection_pb2.DetectFacesRequest(batch=batch)
+        report.bytes_uploaded += request.ByteSize()
+        report.windows_sent += batch.count
+        report.batches += 1
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as exc:
+            raise translate(exc, self._client.address) from None
+        report.server_ms += response.server_ms
+        if response.batch_id != batch.batch_id or response.count != batch.count:
+            raise MalformedInputError("the server answered another batch")
+        return np.frombuffer(response.outcomes, dtype=np.uint8)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        for _ in self._responses:  # drain so the call ends cleanly
+            pass
+
+
+class SecureDetector:
+    """Runs the vendor's encrypted detector on the server over this phone's photos."""
+
+    def __init__(self, client: PrivfaceClient, product_key: sc.ProductKey,
+                 mode: DetectionMode = DEFAULT, rng: np.random.Generator | None = None) -> None:
+        self.client = client
+        self.key = product_key
+        self.mode = mode
+        self.rng = rng or np.random.default_rng()
+
+    def detect(self, image: np.ndarray) -> DetectionReport:
+        """Face boxes of a BGR or grey photo, in its own pixel coordinates."""
+        start = time.perf_counter()
+        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        work, scale = self._working_image(gray)
+        report = DetectionReport(boxes=[], scale=scale)
+        stream = _Stream(self.client, self.key)
+        rects = []
+        try:
+            for batch in scan_windows(work, self.key, self.mode.params):
+                report.positions += batch.n
+                rects.append(batch.rects[self._faces(stream, batch, report)])
+        finally:
+            stream.close()
+        candidates = np.concatenate(rects) if rects else np.zeros((0, 4), np.int32)
+        boxes = group_boxes(candidates, self.mode.params.min_neighbors,
+                            (work.shape[1], work.shape[0]))
+        report.candidates = [tuple(int(v) for v in r) for r in candidates]
+        report.boxes = sorted(tuple(int(round(v / scale)) for v in b) for b in boxes)
+        report.total_ms = (time.perf_counter() - start) * 1000
+        report.phone_ms = report.total_ms - report.server_ms
+        return report
+
+    def _working_image(self, gray: np.ndarray) -> tuple[np.ndarray, float]:
+        long_side = self.mode.working_long_side
+        h, w = gray.shape
+        if long_side is None or max(h, w) <= long_side:
+            return gray, 1.0
+        scale = long_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), scale
+
+    # -- one scan batch -----------------------------------------------------------------
+
+    def _send(self, stream: _Stream, batch: WindowBatch, idx: np.ndarray,
+              report: DetectionReport, *, prefix: bool, encoding: sc.Encoding,
+              first_stage: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Outcomes for windows ``idx`` of the batch (shuffled on the wire if the mode says),
+        and a mask of those that were re-sent whole in float64 (their outcome is final)."""
+        if idx.size == 0:
+            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=bool)
+        order = self.rng.permutation(idx.size) if self.mode.shuffle else np.arange(idx.size)
+        chosen = idx[order]
+        data = sc.encrypt_windows(self.key, batch.pixels[chosen], batch.norm_factors[chosen],
+                                  encoding, prefix=prefix, rng=self.rng)
+        outcomes = stream.run(detection_pb2.WindowBatch(
+            count=idx.size, windows=data, encoding=int(encoding), first_stage=first_stage,
+            kind=detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL),
+            report)
+        result = np.empty(idx.size, dtype=np.uint8)
+        result[order] = outcomes
+        uncertain = np.flatnonzero(result == sc.Outcome.UNCERTAIN)
+        resent = np.zeros(idx.size, dtype=bool)
+        if uncertain.size:  # too close to call at this precision: ask again in float64
+            report.resent_float64 += uncertain.size
+            # A prefix window comes back whole: a full float64 evaluation from stage 0.
+            result[uncertain], _ = self._send(stream, batch, idx[uncertain], report,
+                                              prefix=False, encoding=sc.Encoding.FLOAT64,
+                                              first_stage=0 if prefix else first_stage)
+            resent[uncertain] = True
+        return result, resent
+
+    def _faces(self, stream: _Stream, batch: WindowBatch, report: DetectionReport
+               ) -> np.ndarray:
+        """Indices of the batch's windows that OpenCV would report as candidates."""
+        low = batch.low_contrast
+        sent = np.flatnonzero(~low) if self.mode.omit_low_contrast else np.arange(batch.n)
+        use_prefix = self.mode.prefix_round and self.key.prefix_stages > 0
+        outcome = np.full(batch.n, sc.Outcome.REJECTED, dtype=np.uint8)
+        final = np.zeros(batch.n, dtype=bool)
+        outcome[sent], final[sent] = self._send(stream, batch, sent, report, prefix=use_prefix,
+                                                encoding=self.mode.encoding)
+        outcome[low] = sc.Outcome.REJECTED  # OpenCV rejects these before any classifier
+        stage0 = (outcome == sc.Outcome.REJECTED_STAGE0).reshape(batch.n_rows, batch.n_cols)
+        visited = apply_skip_rule(stage0).ravel()
+        if use_prefix:
+            # Prefix survivors that OpenCV visits go on with their full windows (those
+            # already re-sent whole after an UNCERTAIN prefix answer are final).
+            survivors = np.flatnonzero((outcome == sc.Outcome.PASSED) & visited & ~final)
+            outcome[survivors], _ = self._send(stream, batch, survivors, report, prefix=False,
+                                               encoding=self.mode.encoding,
+                                               first_stage=self.key.prefix_stages)
+        return np.flatnonzero((outcome == sc.Outcome.PASSED) & visited)
+
+
+def load_product_key(data: bytes) -> sc.ProductKey:
+    """Parses a product key file's bytes."""
+    return sc.ProductKey.from_bytes(data)
+
+
+def iter_modes() -> Iterator[DetectionMode]:
+    """The available modes, default first."""
+    yield from MODES.values()

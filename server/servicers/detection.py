@@ -1,0 +1,92 @@
+"""DetectorService: encrypted detector publishing and secure detection (thin)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterator
+
+import grpc
+
+from common.errors import AuthenticationError, MalformedInputError, PrivfaceError
+from privface.v1 import detection_pb2, detection_pb2_grpc
+from server.auth import authenticate
+from server.detection import DetectorRegistry
+from server.errors import _abort, grpc_errors
+from server.storage import Store
+
+log = logging.getLogger(__name__)
+
+
+class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
+    """Vendors publish encrypted cascades; families run them on encrypted windows."""
+
+    def __init__(self, store: Store, registry: DetectorRegistry, vendor_token: str) -> None:
+        self.store = store
+        self.registry = registry
+        self.vendor_token = vendor_token
+
+    def _check_vendor(self, context: grpc.ServicerContext) -> None:
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        if not secrets.compare_digest(auth.encode(), f"Bearer {self.vendor_token}".encode()):
+            raise AuthenticationError("publishing needs the server's vendor token "
+                                      "(privface-vendor publish --vendor-token ...)")
+
+    @grpc_errors
+    def PublishDetector(self, request_iterator: Iterator[detection_pb2.PublishDetectorRequest],
+                        context: grpc.ServicerContext) -> detection_pb2.PublishDetectorResponse:
+        self._check_vendor(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise MalformedInputError("the first PublishDetector message must be the header")
+
+        def chunks() -> Iterator[bytes]:
+            for msg in request_iterator:
+                if not msg.HasField("chunk"):
+                    raise MalformedInputError("only chunks may follow the header")
+                yield msg.chunk
+
+        self.registry.publish(first.header, chunks())
+        return detection_pb2.PublishDetectorResponse(detector_id=first.header.detector_id,
+                                                     key_version=first.header.key_version)
+
+    @grpc_errors
+    def ListDetectors(self, request: detection_pb2.ListDetectorsRequest,
+                      context: grpc.ServicerContext) -> detection_pb2.ListDetectorsResponse:
+        return detection_pb2.ListDetectorsResponse(detectors=[
+            detection_pb2.DetectorInfo(
+                detector_id=h.detector_id, key_version=h.key_version,
+                key_fingerprint=h.key_fingerprint, stage_count=len(h.stages),
+                weak_count=sum(s.weak_count for s in h.stages), ciphertext_dim=h.ciphertext_dim,
+                window_width=h.window_width, window_height=h.window_height)
+            for h in self.registry.list()])
+
+    def DetectFaces(self, request_iterator: Iterator[detection_pb2.DetectFacesRequest],
+                    context: grpc.ServicerContext) -> Iterator[detection_pb2.DetectFacesResponse]:
+        # Not wrapped by grpc_errors: a bidirectional stream maps errors itself so that a
+        # bad batch ends the stream with a precise status.
+        try:
+            authenticate(self.store, context)
+            first = next(request_iterator, None)
+            if first is None or not first.HasField("session"):
+                raise MalformedInputError("the first DetectFaces message must be the session")
+            session = first.session
+            cascade = self.registry.open_session(session.detector_id, session.key_version,
+                                                 session.key_fingerprint)
+            windows = 0
+            for msg in request_iterator:
+                if not msg.HasField("batch"):
+                    raise MalformedInputError("only window batches may follow the session")
+                result = self.registry.evaluate(cascade, msg.batch)
+                windows += msg.batch.count
+                yield detection_pb2.DetectFacesResponse(
+                    batch_id=msg.batch.batch_id, count=msg.batch.count,
+                    outcomes=result.outcomes, server_ms=result.server_ms)
+            log.info("detection session on %s v%d: %d windows", session.detector_id,
+                     session.key_version, windows)
+        except PrivfaceError as exc:
+            _abort(context, exc)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.RpcError) or not context.is_active():
+                return
+            _abort(context, exc)
