@@ -127,9 +127,16 @@ def cmd_people(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from client.pipeline.photos import backup_photo
     s = Session(args)
+    if args.auto and args.people:
+        raise CliError("give either --people or --auto")
     slots = s.slots(args.people) if args.people else []
     stored = skipped = 0
     for path in tqdm(args.photos, desc="backup", unit="photo", disable=len(args.photos) < 2):
+        if args.auto:
+            from client.faces_cli import recognise_members
+            slots = recognise_members(s, Path(path))
+            names = ", ".join(s.bundle.name_of(x) or "?" for x in slots) or "nobody known"
+            print(f"  {path}: {names}", file=sys.stderr)
         receipt = backup_photo(s.client, s.bundle, Path(path).read_bytes(), slots)
         if receipt.already_stored:
             skipped += 1
@@ -217,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     backup = add("backup", cmd_backup, "encrypt and back up photos")
     backup.add_argument("photos", nargs="+", help="photo files (JPEG, PNG, ...)")
     backup.add_argument("--people", help="comma-separated members shown in the photos")
+    backup.add_argument("--auto", action="store_true",
+                        help="label each photo by detecting and recognising faces (encrypted "
+                        "detection if a product key is imported, encrypted matching)")
 
     search = add("search", cmd_search, "find photos by who is in them (all of, by default)")
     search.add_argument("--people", required=True, help="comma-separated member names")

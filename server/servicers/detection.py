@@ -12,7 +12,7 @@ from common.errors import AuthenticationError, MalformedInputError, PrivfaceErro
 from privface.v1 import detection_pb2, detection_pb2_grpc
 from server.auth import authenticate
 from server.detection import DetectorRegistry
-from server.errors import _abort, grpc_errors
+from server.errors import abort_with, grpc_errors
 from server.storage import Store
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
             log.info("detection session on %s v%d: %d windows", session.detector_id,
                      session.key_version, windows)
         except PrivfaceError as exc:
-            _abort(context, exc)
+            abort_with(context, exc)
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, grpc.RpcError) or not context.is_active():
                 return
-            _abort(context, exc)
+            abort_with(context, exc)

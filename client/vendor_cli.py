@@ -1,0 +1,102 @@
+"""privface-vendor: the detector vendor's tool (D-KeyGen, E-FD and publishing)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from client import vendor
+from client.rpc import PrivfaceClient
+from common import secure_cascade as sc
+from common.errors import PrivfaceError
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    cascade = vendor.cascade_for(args.cascade)
+    key = sc.generate_product_key(args.detector, cascade, args.version,
+                                  prefix_stages=args.prefix_stages)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        print(f"error: {out} exists (use --force)", file=sys.stderr)
+        return 2
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.to_bytes())
+    c1, c2 = key.key.condition_numbers()
+    print(f"product key {args.detector} v{args.version} written to {out} "
+          f"(fingerprint {key.fingerprint().hex()}, cond(M1)={c1:.1f}, cond(M2)={c2:.1f}, "
+          f"prefix: {key.prefix_stages} stages in {key.prefix_basis.shape[0]} dims)")
+    print("give this file to customers over a secure channel; never to the server")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    key = sc.ProductKey.from_bytes(Path(args.key).read_bytes())
+    cascade = vendor.cascade_for(args.cascade)
+    token = args.vendor_token or (Path(args.vendor_token_file).read_text().strip()
+                                  if args.vendor_token_file else "")
+    if not token:
+        print("error: give --vendor-token, --vendor-token-file or PRIVFACE_VENDOR_TOKEN",
+              file=sys.stderr)
+        return 2
+    with PrivfaceClient(args.server) as client:
+        reply = vendor.publish(client, cascade, key, token)
+    print(f"published {reply.detector_id} v{reply.key_version} "
+          f"({cascade.n_weak} encrypted weak classifiers, {cascade.n_stages} stages)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with PrivfaceClient(args.server) as client:
+        detectors = client.list_detectors()
+    if not detectors:
+        print("no detectors published")
+    for d in detectors:
+        print(f"{d.detector_id} v{d.key_version}: {d.stage_count} stages, {d.weak_count} weak "
+              f"classifiers, {d.window_width}x{d.window_height} window, ciphertexts of "
+              f"{d.ciphertext_dim} values, key {d.key_fingerprint.hex()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The privface-vendor argument parser."""
+    p = argparse.ArgumentParser(prog="privface-vendor", description=(
+        "For the detector vendor: make product keys, encrypt the Viola-Jones cascade and "
+        "publish it; the server never sees the classifiers, thresholds or the key."))
+    p.add_argument("--server", default=os.environ.get("PRIVFACE_SERVER", "127.0.0.1:50051"),
+                   help="server host:port (env PRIVFACE_SERVER; default %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keygen = sub.add_parser("keygen", help="D-KeyGen: write a versioned product key")
+    keygen.add_argument("-o", "--output", required=True, help="product key file to write")
+    keygen.add_argument("--detector", default="frontalface_alt", help="detector id")
+    keygen.add_argument("--version", type=int, default=1, help="key version (re-key: +1)")
+    keygen.add_argument("--cascade", help="OpenCV cascade XML (default: frontalface_alt)")
+    keygen.add_argument("--prefix-stages", type=int, default=sc.DEFAULT_PREFIX_STAGES,
+                        help="stages of the cheap first round (0 = none; default %(default)s)")
+    keygen.add_argument("--force", action="store_true", help="overwrite the output")
+    keygen.set_defaults(fn=cmd_keygen)
+    publish = sub.add_parser("publish", help="E-FD: encrypt the cascade and upload it")
+    publish.add_argument("--key", required=True, help="product key file")
+    publish.add_argument("--cascade", help="OpenCV cascade XML (default: frontalface_alt)")
+    publish.add_argument("--vendor-token", default=os.environ.get("PRIVFACE_VENDOR_TOKEN"),
+                         help="the server's vendor token (env PRIVFACE_VENDOR_TOKEN)")
+    publish.add_argument("--vendor-token-file", help="file holding the vendor token")
+    publish.set_defaults(fn=cmd_publish)
+    sub.add_parser("info", help="list published detectors").set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `privface-vendor`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (PrivfaceError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
