@@ -39,6 +39,8 @@ from privface.v1 import detection_pb2
 log = logging.getLogger(__name__)
 
 DETECT_TIMEOUT = 1800.0
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # well under the server's 32 MiB message limit
+MAX_BATCH_WINDOWS = 16_384
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,13 @@ class _Stream:
         return np.frombuffer(response.outcomes, dtype=np.uint8)
 
     def close(self) -> None:
+        """Ends the request stream and drains the call. A failed call's error was already
+        raised (translated) by run(); it is not raised again here."""
         self._requests.put(None)
-        for _ in self._responses:  # drain so the call ends cleanly
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
             pass
 
 
@@ -169,6 +176,15 @@ class SecureDetector:
         and a mask of those that were re-sent whole in float64 (their outcome is final)."""
         if idx.size == 0:
             return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=bool)
+        dim = (self.key.prefix_key if prefix else self.key.key).cipher_dim
+        per_message = min(MAX_BATCH_WINDOWS, max(1, MAX_BATCH_BYTES // (
+            dim * np.dtype(sc.DTYPES[encoding]).itemsize)))
+        if idx.size > per_message:  # split so every message stays small
+            parts = [self._send(stream, batch, idx[i:i + per_message], report, prefix=prefix,
+                                encoding=encoding, first_stage=first_stage)
+                     for i in range(0, idx.size, per_message)]
+            return (np.concatenate([p[0] for p in parts]),
+                    np.concatenate([p[1] for p in parts]))
         order = self.rng.permutation(idx.size) if self.mode.shuffle else np.arange(idx.size)
         chosen = idx[order]
         data = sc.encrypt_windows(self.key, batch.pixels[chosen], batch.norm_factors[chosen],
