@@ -11,8 +11,9 @@ Per photo size, one run of:
 1. FAITHFUL (the seed paper at OpenCV's defaults: every position, float64, one round):
    end to end on the first ``--faithful-runs`` photos at 640x480 (``--faithful-runs-1280``
    at 1280x960); for every photo its upload is computed exactly from its pyramid (every
-   position x ciphertext_dim x 8 bytes + the protobuf framing of each batch), the formula
-   checked against the measured runs.
+   position x ciphertext_dim x 8 bytes + the protobuf framing of each message, scan
+   batches split as SecureDetector splits them), the formula checked against the
+   measured runs.
 2. DEFAULT (640-px working image, scale 1.25, faces >= 40 px, prefix round, float32).
 3. Plaintext OpenCV ``detectMultiScale`` (one thread), at default parameters on the
    resized photo and at DEFAULT's parameters on DEFAULT's working image: time only, its
@@ -26,10 +27,7 @@ a detection matches a label when its centre lies in the label box and its width 
 0.6..2.2x the label's. FAITHFUL's boxes are detectMultiScale's at default parameters (the
 measured runs check they are identical).
 
-Known client limitation worked around here: SecureDetector sends each scan batch (up to
-16,384 windows) as one message; in float64 that is up to 107 MB, above the client's 64 MiB
-and the server's 32 MiB message limits, so FAITHFUL runs use scan batches of
-``FAITHFUL_BATCH_WINDOWS`` windows (whole rows; results are unchanged).
+The server runs in this process (its own threads): phone and server share the 2 cores.
 
 Usage::
 
@@ -74,8 +72,7 @@ from server.config import ServerConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SIZES = {640: (640, 480), 1280: (1280, 960)}
-DEFAULT_SCAN_BATCH = 16384  # scan_windows' default batch, used by DEFAULT as shipped
-FAITHFUL_BATCH_WINDOWS = 4096  # 4096 x 6,560 B = 26.9 MB < the server's 32 MiB limit
+DEFAULT_SCAN_BATCH = 16384  # scan_windows' default batch_windows, as SecureDetector uses it
 
 
 def log(msg: str) -> None:
@@ -140,7 +137,6 @@ class Meter:
 
     def __init__(self) -> None:
         self.reset()
-        self.faithful_batches = False
         real_encrypt = sc.encrypt_windows
         real_run = detect_mod._Stream.run
 
@@ -164,8 +160,6 @@ class Meter:
             return real_run(stream, batch, report)
 
         def scan(gray, cascade, params, batch_windows=DEFAULT_SCAN_BATCH) -> Iterator:
-            if self.faithful_batches:
-                batch_windows = FAITHFUL_BATCH_WINDOWS
             it = scan_windows(gray, cascade, params, batch_windows)
             while True:
                 start = time.perf_counter()
@@ -195,25 +189,34 @@ def _varint_size(v: int) -> int:
     return max(1, (v.bit_length() + 6) // 7)
 
 
-def faithful_upload(image_size: tuple[int, int], key: sc.ProductKey, cipher_dim: int,
-                    batch_windows: int) -> tuple[int, int, int]:
-    """(positions, batches, bytes) FAITHFUL uploads for a photo: every position in float64,
-    batched as scan_windows batches (whole rows), each DetectFacesRequest's exact size."""
+def faithful_upload(image_size: tuple[int, int], key: sc.ProductKey, cipher_dim: int
+                    ) -> tuple[int, int, int]:
+    """(positions, messages, bytes) FAITHFUL uploads for a photo: every position in float64;
+    scan batches of whole rows (scan_windows' default size), each split into messages of
+    at most MAX_BATCH_WINDOWS windows and MAX_BATCH_BYTES as SecureDetector._send does;
+    the exact size of every DetectFacesRequest."""
+    per_message = min(detect_mod.MAX_BATCH_WINDOWS,
+                      max(1, detect_mod.MAX_BATCH_BYTES // (cipher_dim * 8)))
     positions = batches = total = 0
+    sizes = []
     for level in pyramid_levels(image_size, key, FAITHFUL.params):
         if level.n_positions == 0:
             continue
         n_cols = level.xs.size
-        rows = max(1, batch_windows // n_cols)
+        rows = max(1, DEFAULT_SCAN_BATCH // n_cols)
         for r0 in range(0, level.ys.size, rows):
-            n = min(rows, level.ys.size - r0) * n_cols
-            data = n * cipher_dim * 8
-            inner = (1 + _varint_size(n)) + (1 + _varint_size(data) + data) + 2 + 2  # enc, kind
-            if batches:  # batch_id 0 is not serialised
-                inner += 1 + _varint_size(batches)
-            total += 1 + _varint_size(inner) + inner
-            positions += n
-            batches += 1
+            n_scan = min(rows, level.ys.size - r0) * n_cols
+            sizes += [per_message] * (n_scan // per_message)
+            if n_scan % per_message:
+                sizes.append(n_scan % per_message)
+    for n in sizes:
+        data = n * cipher_dim * 8
+        inner = (1 + _varint_size(n)) + (1 + _varint_size(data) + data) + 2 + 2  # enc, kind
+        if batches:  # batch_id 0 is not serialised
+            inner += 1 + _varint_size(batches)
+        total += 1 + _varint_size(inner) + inner
+        positions += n
+        batches += 1
     return positions, batches, total
 
 
@@ -237,7 +240,6 @@ def compare(found: list, expected: list) -> dict[str, int]:
 
 def secure_run(detector: SecureDetector, meter: Meter, image: np.ndarray) -> dict[str, Any]:
     meter.reset(detector.mode)
-    meter.faithful_batches = detector.mode is FAITHFUL
     r = detector.detect(image)
     return {
         "boxes": r.boxes, "candidates": r.candidates, "positions": r.positions,
@@ -282,7 +284,7 @@ def run_photo(path: Path, size: int, ctx: dict, run_faithful: bool) -> dict[str,
 
     # (1) FAITHFUL: computed for every photo, run end to end on some.
     positions, batches, nbytes = faithful_upload((gray.shape[1], gray.shape[0]), ctx["key"],
-                                                 ctx["cipher_dim"], FAITHFUL_BATCH_WINDOWS)
+                                                 ctx["cipher_dim"])
     row["faithful_computed"] = {"positions": positions, "batches": batches, "bytes": nbytes}
     if run_faithful:
         f = secure_run(ctx["faithful"], ctx["meter"], image)
@@ -510,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(0).wait()
 
     figures: dict[str, Any] = {"photos": len(photos), "cipher_dim": ctx["cipher_dim"],
-                               "faithful_batch_windows": FAITHFUL_BATCH_WINDOWS,
+                               "max_batch_bytes": detect_mod.MAX_BATCH_BYTES,
                                "opencv_threads": 1, "server_in_process": True}
     for size in sizes:
         figures.update(summarise(rows, size, labels, ctx["cipher_dim"]))

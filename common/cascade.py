@@ -9,7 +9,7 @@ pixels of a detection window (row-major), so that the Haar feature value of a wi
     left  if  y . x - theta * nf < 0      else  right
 
 where ``nf`` is the window's variance normalisation factor (see
-:func:`client.pipeline.windows` for how the phone computes it) and ``theta`` is the
+``client.pipeline.windows`` for how the phone computes it) and ``theta`` is the
 classifier's threshold. Leaf values are summed per stage and the stage passes when the
 sum is ``>= stage_threshold``; a window is a detection when it passes every stage.
 This is exactly the form the secure protocol evaluates as ``c * (y . x - theta * nf)``.
@@ -30,8 +30,8 @@ Exactness with respect to OpenCV (4.x, ``predictOrderedStump`` / ``HaarEvaluator
   linear inequality exactly (as ``S * v < theta``, recovering ``v = float32(1/nf)``),
   so it never depends on rounding. The same inequality computed naively in float64,
   ``S - theta * nf < 0`` (:func:`linear_margins`), agrees except at exact ties
-  ``S * v == theta``: they do occur on real photos (about one per 10**8-10**9
-  decisions) and then the sign is decided by rounding or, in the encrypted protocol,
+  ``S * v == theta``: they do occur on real photos (2 in 2.3e9 weak decisions over
+  141 photos) and then the sign is decided by rounding or, in the encrypted protocol,
   by the evaluation noise. ``bench/cascade_parity.py`` counts them and the near ties.
 * Stage sums are accumulated in float64, in classifier order, from float32 leaf values,
   and compared with ``float32(stage_threshold - 1e-5f)``, as OpenCV does.
@@ -341,7 +341,7 @@ def linear_margins(
     """``y . x - theta * nf`` in plain float64, ``(n, k)``: what the server sees, up to ``c``.
 
     Its sign is the weak decision (negative = left) except at float64 rounding level:
-    exact ties ``S * v == theta`` do occur on real photos (about one per 10**8-10**9
+    exact ties ``S * v == theta`` do occur on real photos (about one per 10**9
     decisions, because ``S * v`` and the float32 rounding boundary are both short binary
     numbers), and any noise added by an encrypted evaluation decides them.
     """
@@ -429,7 +429,12 @@ def rejection_stages(
 
 
 def evaluate_windows(cascade: Cascade, pixels: np.ndarray, norm_factors: np.ndarray) -> np.ndarray:
-    """Plaintext reference of the whole cascade: ``(n,)`` bool, True = passes all stages."""
+    """Plaintext reference of the whole cascade: ``(n,)`` bool, True = passes all stages.
+
+    ``norm_factors`` may be OpenCV's true ``nf`` or ``1 / v`` as windows carry it; both
+    give OpenCV's ``v``. Low-contrast windows must be filtered out by the caller (OpenCV
+    never evaluates them). Batch large inputs: memory is ``n x 400`` float32.
+    """
     return rejection_stages(cascade, pixels, norm_factors) == cascade.n_stages
 
 

@@ -14,7 +14,8 @@ Two modes (docs/detection.md has the measurements and what the server learns in 
   of at least 40 px; low-contrast windows (which OpenCV rejects before any classifier)
   not sent; a float32 prefix round on a 66-dim projection for the first 3 stages, then
   float32 full windows only for the survivors that OpenCV visits; any UNCERTAIN window
-  re-sent in float64; windows shuffled inside every batch so the server sees no positions.
+  re-sent in float64; the whole photo's windows shuffled before they are sent, so the
+  server sees neither positions nor scales, only how many windows each round holds.
 """
 
 from __future__ import annotations
@@ -144,9 +145,9 @@ class SecureDetector:
         stream = _Stream(self.client, self.key)
         rects = []
         try:
-            for batch in scan_windows(work, self.key, self.mode.params):
-                report.positions += batch.n
-                rects.append(batch.rects[self._faces(stream, batch, report)])
+            for windows in self._window_sets(work):
+                report.positions += windows.n
+                rects.append(windows.rects[self._faces(stream, windows, report)])
         finally:
             stream.close()
         candidates = np.concatenate(rects) if rects else np.zeros((0, 4), np.int32)
@@ -167,66 +168,108 @@ class SecureDetector:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), scale
 
-    # -- one scan batch -----------------------------------------------------------------
+    def _window_sets(self, work: np.ndarray) -> Iterator[_WindowSet]:
+        """The photo's windows: all at once when shuffling (so the server cannot tell
+        which rows or scales a window came from), else scan batch by scan batch."""
+        batches = scan_windows(work, self.key, self.mode.params)
+        if self.mode.shuffle:
+            yield _WindowSet.of(list(batches))
+        else:
+            for batch in batches:
+                yield _WindowSet.of([batch])
 
-    def _send(self, stream: _Stream, batch: WindowBatch, idx: np.ndarray,
+    # -- one set of windows -------------------------------------------------------------
+
+    def _send(self, stream: _Stream, windows: _WindowSet, idx: np.ndarray,
               report: DetectionReport, *, prefix: bool, encoding: sc.Encoding,
               first_stage: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Outcomes for windows ``idx`` of the batch (shuffled on the wire if the mode says),
-        and a mask of those that were re-sent whole in float64 (their outcome is final)."""
+        """Outcomes for windows ``idx`` (shuffled on the wire if the mode says), and a mask
+        of those that were re-sent whole in float64 (their outcome is then final)."""
+        result = np.zeros(idx.size, dtype=np.uint8)
+        resent = np.zeros(idx.size, dtype=bool)
         if idx.size == 0:
-            return np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=bool)
+            return result, resent
+        order = self.rng.permutation(idx.size) if self.mode.shuffle else np.arange(idx.size)
         dim = (self.key.prefix_key if prefix else self.key.key).cipher_dim
         per_message = min(MAX_BATCH_WINDOWS, max(1, MAX_BATCH_BYTES // (
             dim * np.dtype(sc.DTYPES[encoding]).itemsize)))
-        if idx.size > per_message:  # split so every message stays small
-            parts = [self._send(stream, batch, idx[i:i + per_message], report, prefix=prefix,
-                                encoding=encoding, first_stage=first_stage)
-                     for i in range(0, idx.size, per_message)]
-            return (np.concatenate([p[0] for p in parts]),
-                    np.concatenate([p[1] for p in parts]))
-        order = self.rng.permutation(idx.size) if self.mode.shuffle else np.arange(idx.size)
-        chosen = idx[order]
-        data = sc.encrypt_windows(self.key, batch.pixels[chosen], batch.norm_factors[chosen],
-                                  encoding, prefix=prefix, rng=self.rng)
-        outcomes = stream.run(detection_pb2.WindowBatch(
-            count=idx.size, windows=data, encoding=int(encoding), first_stage=first_stage,
-            kind=detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL),
-            report)
-        result = np.empty(idx.size, dtype=np.uint8)
-        result[order] = outcomes
+        kind = detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL
+        for i in range(0, idx.size, per_message):  # every message stays small
+            part = order[i:i + per_message]
+            chosen = idx[part]
+            data = sc.encrypt_windows(self.key, windows.pixels[chosen],
+                                      windows.norm_factors[chosen], encoding, prefix=prefix,
+                                      rng=self.rng)
+            result[part] = stream.run(detection_pb2.WindowBatch(
+                count=chosen.size, windows=data, encoding=int(encoding),
+                first_stage=first_stage, kind=kind), report)
         uncertain = np.flatnonzero(result == sc.Outcome.UNCERTAIN)
-        resent = np.zeros(idx.size, dtype=bool)
         if uncertain.size:  # too close to call at this precision: ask again in float64
             report.resent_float64 += uncertain.size
             # A prefix window comes back whole: a full float64 evaluation from stage 0.
-            result[uncertain], _ = self._send(stream, batch, idx[uncertain], report,
+            result[uncertain], _ = self._send(stream, windows, idx[uncertain], report,
                                               prefix=False, encoding=sc.Encoding.FLOAT64,
                                               first_stage=0 if prefix else first_stage)
             resent[uncertain] = True
         return result, resent
 
-    def _faces(self, stream: _Stream, batch: WindowBatch, report: DetectionReport
+    def _faces(self, stream: _Stream, windows: _WindowSet, report: DetectionReport
                ) -> np.ndarray:
-        """Indices of the batch's windows that OpenCV would report as candidates."""
-        low = batch.low_contrast
-        sent = np.flatnonzero(~low) if self.mode.omit_low_contrast else np.arange(batch.n)
+        """Indices of the windows that OpenCV would report as candidates."""
+        low = windows.low_contrast
+        sent = np.flatnonzero(~low) if self.mode.omit_low_contrast else np.arange(windows.n)
         use_prefix = self.mode.prefix_round and self.key.prefix_stages > 0
-        outcome = np.full(batch.n, sc.Outcome.REJECTED, dtype=np.uint8)
-        final = np.zeros(batch.n, dtype=bool)
-        outcome[sent], final[sent] = self._send(stream, batch, sent, report, prefix=use_prefix,
-                                                encoding=self.mode.encoding)
+        outcome = np.full(windows.n, sc.Outcome.REJECTED, dtype=np.uint8)
+        final = np.zeros(windows.n, dtype=bool)
+        outcome[sent], final[sent] = self._send(stream, windows, sent, report,
+                                                prefix=use_prefix, encoding=self.mode.encoding)
         outcome[low] = sc.Outcome.REJECTED  # OpenCV rejects these before any classifier
-        stage0 = (outcome == sc.Outcome.REJECTED_STAGE0).reshape(batch.n_rows, batch.n_cols)
-        visited = apply_skip_rule(stage0).ravel()
+        visited = windows.visited(outcome == sc.Outcome.REJECTED_STAGE0)
         if use_prefix:
             # Prefix survivors that OpenCV visits go on with their full windows (those
             # already re-sent whole after an UNCERTAIN prefix answer are final).
             survivors = np.flatnonzero((outcome == sc.Outcome.PASSED) & visited & ~final)
-            outcome[survivors], _ = self._send(stream, batch, survivors, report, prefix=False,
+            outcome[survivors], _ = self._send(stream, windows, survivors, report, prefix=False,
                                                encoding=self.mode.encoding,
                                                first_stage=self.key.prefix_stages)
         return np.flatnonzero((outcome == sc.Outcome.PASSED) & visited)
+
+
+@dataclass(frozen=True, eq=False)
+class _WindowSet:
+    """Scan batches concatenated; each keeps its (rows x cols) grid for the skip rule."""
+
+    pixels: np.ndarray
+    norm_factors: np.ndarray
+    low_contrast: np.ndarray
+    rects: np.ndarray
+    grids: tuple[tuple[int, int, int], ...]  # (first index, rows, cols) per scan batch
+
+    @property
+    def n(self) -> int:
+        return int(self.low_contrast.size)
+
+    @classmethod
+    def of(cls, batches: list[WindowBatch]) -> "_WindowSet":
+        if not batches:
+            return cls(np.zeros((0, 0), np.uint8), np.zeros(0), np.zeros(0, bool),
+                       np.zeros((0, 4), np.int32), ())
+        grids, first = [], 0
+        for b in batches:
+            grids.append((first, b.n_rows, b.n_cols))
+            first += b.n
+        return cls(np.concatenate([b.pixels for b in batches]),
+                   np.concatenate([b.norm_factors for b in batches]),
+                   np.concatenate([b.low_contrast for b in batches]),
+                   np.concatenate([b.rects for b in batches]), tuple(grids))
+
+    def visited(self, stage0_rejected: np.ndarray) -> np.ndarray:
+        """OpenCV's skip rule, row by row within each scan batch."""
+        out = np.zeros(self.n, dtype=bool)
+        for first, rows, cols in self.grids:
+            block = stage0_rejected[first:first + rows * cols].reshape(rows, cols)
+            out[first:first + rows * cols] = apply_skip_rule(block).ravel()
+        return out
 
 
 def load_product_key(data: bytes) -> sc.ProductKey:

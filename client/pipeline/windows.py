@@ -50,11 +50,14 @@ __all__ = [
     "GROUP_EPS",
     "ScanParams",
     "ScaleLevel",
+    "ScanOutcome",
     "WindowBatch",
     "apply_skip_rule",
     "detect_plain",
     "group_boxes",
+    "positions_to_skip",
     "pyramid_levels",
+    "scan_plain",
     "scan_windows",
 ]
 

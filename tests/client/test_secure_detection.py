@@ -22,10 +22,8 @@ import grpc
 import numpy as np
 import pytest
 
-import client.pipeline.detect as detect_mod
 from client import vendor
 from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector
-from client.pipeline.windows import scan_windows
 from client.rpc import PrivfaceClient, translate
 from common import errors
 from common import secure_cascade as sc
@@ -36,12 +34,9 @@ from server.config import ServerConfig
 from tests.conftest import require_data
 
 DETECTOR_ID = "frontalface_alt"
-# Windows per scan batch that keep a FAITHFUL (float64, 6,560 bytes per window) message
-# under the server's 32 MiB max_message_bytes; see test_faithful_default_batches_fit.
-FAITHFUL_BATCH_WINDOWS = 4096
 N_GROUP = 11  # every dlib group photo
-N_PEOPLE = 8  # people and group_* photos (the slowest: scaled to 640 px)
-N_LFW = 20  # 250x250, fast
+N_PEOPLE = 14  # people and group_* photos (the slowest: scaled to 640 px)
+N_LFW = 30  # 250x250, fast
 
 
 # -- vendor material (module scope) and per-server publication ------------------------
@@ -151,15 +146,7 @@ def test_default_parity_lfw(published, material) -> None:
 # -- (b) FAITHFUL parity on one small image ----------------------------------------------
 
 
-@pytest.fixture
-def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Scan batches small enough for float64 windows to fit one gRPC message (the client
-    does not split them itself: see test_faithful_default_batches_fit)."""
-    monkeypatch.setattr(detect_mod, "scan_windows",
-                        functools.partial(scan_windows, batch_windows=FAITHFUL_BATCH_WINDOWS))
-
-
-def test_faithful_parity_small_image(published, material, small_batches) -> None:
+def test_faithful_parity_small_image(published, material) -> None:
     path = require_data("lfw", "images", "George_W_Bush", "George_W_Bush_0001.jpg")
     client, _ = published
     image = cv2.imread(str(path))
@@ -173,15 +160,8 @@ def test_faithful_parity_small_image(published, material, small_batches) -> None
     assert report.resent_float64 == 0
     dim = material.enc.cipher_dim
     assert report.positions * dim * 8 < report.bytes_uploaded < report.positions * dim * 8 * 1.001
-
-
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=(
-    "bug: client/pipeline/detect.py sends a whole scan batch (up to 16,384 windows, 107 MB in "
-    "float64) as one message, above the client's 64 MiB and the server's 32 MiB limits; "
-    "remove this marker once SecureDetector splits batches by message size"))
-def test_faithful_default_batches_fit(published, material) -> None:
-    path = require_data("lfw", "images", "George_W_Bush", "George_W_Bush_0001.jpg")
-    SecureDetector(published[0], material.key, FAITHFUL).detect(cv2.imread(str(path)))
+    # About 88 MB of float64 windows per scan batch here: split to fit the server's limit.
+    assert report.bytes_uploaded / report.batches < published[1].max_message_bytes
 
 
 # -- (c) keys, unknown detectors, malformed batches, vendor token, tampering -------------
@@ -242,10 +222,6 @@ def test_wrong_product_key_is_failed_precondition(published, material, which) ->
     assert isinstance(err, errors.PreconditionError) and names in str(err)
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError, reason=(
-    "bug: client/pipeline/detect.py _Stream.close() drains the failed response iterator in "
-    "SecureDetector.detect's finally block and re-raises the raw grpc.RpcError over the "
-    "translated domain error; remove this marker once close() swallows RpcError"))
 @pytest.mark.parametrize("which", ["other version", "other key", "unknown detector"])
 def test_session_errors_through_secure_detector(published, material, which) -> None:
     if which == "unknown detector":
