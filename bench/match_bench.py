@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import common as bench_common  # noqa: E402
 from common import ckks  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -43,12 +44,7 @@ CENTRAL_BOX = (60, 190, 190, 60)  # (top, right, bottom, left) in LFW's 250x250 
 
 
 def median_ms(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return bench_common.median_ms(fn, repeats, warmup=0)
 
 
 def unit_ish(rng, n, norm=1.4):
@@ -189,13 +185,8 @@ def bench_seed(n_pairs, rng, repeats):
 
 
 def build_gallery(secret, public, emb):
-    lay = secret.layout
-    E = lay.entries_per_block
-    blocks = []
-    for b in range(lay.blocks_for(len(emb))):
-        part = emb[b * E : (b + 1) * E]
-        blocks.append(ckks.add_into_block(public, None, ckks.encrypt_entries(secret, part, b * E)))
-    return blocks
+    """Blocks as the server stores them (add_into_block of a fresh block is the identity)."""
+    return [ckks.add_into_block(public, None, cts) for cts in ckks.encrypt_gallery(secret, emb)]
 
 
 def bench_packed(params, k, sizes, rng, repeats, full=True):

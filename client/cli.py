@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from client.keystore import FamilyBundle, load_bundle, save_bundle
+from client.keystore import load_bundle, save_bundle
 from client.rpc import Credentials, PrivfaceClient
 from common import labels
 from common.errors import NotFoundError, PrivfaceError

@@ -73,6 +73,7 @@ __all__ = [
     "public_context_bytes",
     "load_public_context",
     "encrypt_entries",
+    "encrypt_gallery",
     "add_into_block",
     "encrypt_query",
     "prepare_block",
@@ -556,6 +557,15 @@ def encrypt_entries(secret: SecretContext, embeddings, first_position: int) -> l
         _wrap(secret, KIND_GALLERY, c, _encrypt_slots(secret, grid[:, c * k : (c + 1) * k].ravel()))
         for c in range(lay.cts_per_block)
     ]
+
+
+def encrypt_gallery(secret: SecretContext, embeddings) -> list[list[bytes]]:
+    """A whole gallery packed from position 0: one list of ciphertexts per block (for
+    re-packing a gallery after removals, and for benchmarks)."""
+    arr = _check_embeddings(embeddings)
+    per = secret.layout.entries_per_block
+    return [encrypt_entries(secret, arr[b * per:(b + 1) * per], b * per)
+            for b in range(secret.layout.blocks_for(len(arr)))]
 
 
 def encrypt_query(secret: SecretContext, embedding) -> list[bytes]:

@@ -125,18 +125,11 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
                                                 chunk=record.thumbnail)
             return
         with open(record.blob_path, "rb") as f:
-            first = True
-            while first or chunk:
-                chunk = f.read(FETCH_CHUNK_BYTES)
-                if first:
-                    yield photos_pb2.FetchPhotoResponse(blob_size=record.blob_size,
-                                                        blob_sha256=record.blob_sha256,
-                                                        chunk=chunk)
-                    first = False
-                elif chunk:
-                    yield photos_pb2.FetchPhotoResponse(chunk=chunk)
-                if not context.is_active():
-                    return
+            chunk = f.read(FETCH_CHUNK_BYTES)  # the first message carries size and hash
+            yield photos_pb2.FetchPhotoResponse(blob_size=record.blob_size,
+                                                blob_sha256=record.blob_sha256, chunk=chunk)
+            while context.is_active() and (chunk := f.read(FETCH_CHUNK_BYTES)):
+                yield photos_pb2.FetchPhotoResponse(chunk=chunk)
 
     @grpc_errors
     def DeletePhoto(self, request: photos_pb2.DeletePhotoRequest,

@@ -35,13 +35,8 @@ def _unit_ish(rng, n, norm=1.4):
 
 
 def _encrypt_gallery(secret, public, emb):
-    lay = secret.layout
-    E = lay.entries_per_block
-    blocks = []
-    for b in range(lay.blocks_for(len(emb))):
-        part = emb[b * E : (b + 1) * E]
-        blocks.append(ckks.add_into_block(public, None, ckks.encrypt_entries(secret, part, b * E)))
-    return blocks
+    """Blocks as the server stores them (add_into_block of a fresh block is the identity)."""
+    return [ckks.add_into_block(public, None, cts) for cts in ckks.encrypt_gallery(secret, emb)]
 
 
 def _distances(secret, results, n):
