@@ -22,7 +22,7 @@ class ServerConfig:
     max_photo_bytes: int = 256 * MIB
     max_context_bytes: int = 64 * MIB
     max_detector_bytes: int = 64 * MIB
-    max_window_batch: int = 65_536
+    max_window_batch: int = 16_384  # windows per DetectFaces message (the client sends <= 16,384)
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     vendor_token: str = ""  # empty: a random token in <data_dir>/vendor.token
