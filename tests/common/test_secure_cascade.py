@@ -105,3 +105,39 @@ def test_rejects_malformed_windows(key, encrypted) -> None:
     wrong_window = sc.ProductKey("x", (24, 24), small.key, 0, np.zeros((0, 576)), None)
     with pytest.raises(KeyMismatchError):
         sc.encrypt_cascade(CASCADE, wrong_window)
+
+
+def test_known_windows_against_the_real_encrypted_cascade(key, encrypted, windows) -> None:
+    """The documented limit on the real detector (d = 402 plaintext dims): a server that
+    knows some windows in the clear and computes their scores on two stage-0 classifiers.
+    With d + 1 known windows it cannot solve for a classifier (the per-window scale hides
+    each score's size); with 2d known windows the ratio attack recovers the pair up to one
+    factor (docs/crypto.md)."""
+    px, nf, _ = windows
+    d = key.key.data_dim
+    rng = np.random.default_rng(11)
+    pick = rng.choice(len(px), 2 * d, replace=False)
+    plain = np.hstack([px[pick] - px[pick].mean(1, keepdims=True),
+                       px[pick].mean(1, keepdims=True),
+                       nf[pick, None] / sc.nf_scale(CASCADE.window_size)])
+    scores = sc.decode_windows(sc.encrypt_windows(key, px[pick], nf[pick]), 2 * d,
+                               encrypted.cipher_dim, 2) @ encrypted.classifiers[:2].T
+    truth = np.hstack([CASCADE.weights[:2], CASCADE.weights[:2].sum(1, keepdims=True),
+                       -sc.nf_scale(CASCADE.window_size) * CASCADE.thresholds[:2, None]])
+
+    def cosine(a, b):
+        return abs(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    # Centred pixels sum to zero, so every window is orthogonal to u = [1, ..., 1, 0, 0]:
+    # the scores cannot tell y from y + a*u. Work in the complement of u (the attacker can).
+    u = np.r_[np.ones(CASCADE.n_pixels), 0.0, 0.0] / np.sqrt(CASCADE.n_pixels)
+    basis = np.linalg.svd(np.eye(d) - np.outer(u, u))[0][:, :d - 1]
+    reduced = plain @ basis
+    identifiable = np.concatenate([basis @ (basis.T @ t) for t in truth])
+    few = slice(0, d + 1)
+    guess, *_ = np.linalg.lstsq(reduced[few], scores[few, 0], rcond=None)
+    assert cosine(basis @ guess, identifiable[:d]) < 0.9
+    system = np.hstack([scores[:, 1:2] * reduced, -scores[:, 0:1] * reduced])
+    z = np.linalg.svd(system / np.linalg.norm(system, axis=1, keepdims=True))[2][-1]
+    pair = np.concatenate([basis @ z[:d - 1], basis @ z[d - 1:]])
+    assert cosine(pair, identifiable) > 0.999
