@@ -270,13 +270,3 @@ class _WindowSet:
             block = stage0_rejected[first:first + rows * cols].reshape(rows, cols)
             out[first:first + rows * cols] = apply_skip_rule(block).ravel()
         return out
-
-
-def load_product_key(data: bytes) -> sc.ProductKey:
-    """Parses a product key file's bytes."""
-    return sc.ProductKey.from_bytes(data)
-
-
-def iter_modes() -> Iterator[DetectionMode]:
-    """The available modes, default first."""
-    yield from MODES.values()
