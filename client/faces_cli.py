@@ -43,7 +43,9 @@ def secure_detect(s, bgr, mode_name: str):
     from client.pipeline.detect import MODES, SecureDetector
     detector_id, key_bytes = next(iter(sorted(s.bundle.product_keys.items())))
     key = sc.ProductKey.from_bytes(key_bytes)
-    return SecureDetector(s.client, key, MODES[mode_name]).detect(bgr)
+    with tqdm(desc=f"secure detection [{mode_name}]", unit=" windows", unit_scale=True,
+              leave=False, disable=not sys.stderr.isatty()) as bar:
+        return SecureDetector(s.client, key, MODES[mode_name], progress=bar.update).detect(bgr)
 
 
 def cmd_detect(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -130,11 +130,13 @@ class SecureDetector:
     """Runs the vendor's encrypted detector on the server over this phone's photos."""
 
     def __init__(self, client: PrivfaceClient, product_key: sc.ProductKey,
-                 mode: DetectionMode = DEFAULT, rng: np.random.Generator | None = None) -> None:
+                 mode: DetectionMode = DEFAULT, rng: np.random.Generator | None = None,
+                 progress: Callable[[int], None] | None = None) -> None:
         self.client = client
         self.key = product_key
         self.mode = mode
         self.rng = rng or np.random.default_rng()
+        self.progress = progress  # called with the number of windows each message carried
 
     def detect(self, image: np.ndarray) -> DetectionReport:
         """Face boxes of a BGR or grey photo, in its own pixel coordinates."""
@@ -203,6 +205,8 @@ class SecureDetector:
             result[part] = stream.run(detection_pb2.WindowBatch(
                 count=chosen.size, windows=data, encoding=int(encoding),
                 first_stage=first_stage, kind=kind), report)
+            if self.progress is not None:
+                self.progress(chosen.size)
         uncertain = np.flatnonzero(result == sc.Outcome.UNCERTAIN)
         if uncertain.size:  # too close to call at this precision: ask again in float64
             report.resent_float64 += uncertain.size
