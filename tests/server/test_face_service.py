@@ -43,6 +43,11 @@ def test_enroll_identify_remove(family, lfw_embeddings) -> None:
     client.remove_gallery_slot(bundle.remove_member(PEOPLE[0]))
     after = faces.identify(client, bundle, probes[:2])
     assert after[0].name is None and after[1].name == PEOPLE[1]
+    # Re-enrolling brings them back (their old entries stay dead).
+    faces.enroll(client, bundle, PEOPLE[0], lfw_embeddings[PEOPLE[0]][:1])
+    again = faces.identify(client, bundle, probes[:1])
+    assert again[0].name == PEOPLE[0]
+    assert faces.gallery_counts(client)[bundle.slot_of(PEOPLE[0])] == 1
 
 
 def test_gallery_spans_several_blocks(family) -> None:
