@@ -55,6 +55,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if not s.bundle.product_keys:
         raise CliError("no product key: get one from the detector vendor and run "
                        "`privface detector import KEYFILE`")
+    if not Path(args.photo).is_file():
+        raise CliError(f"no such file: {args.photo}")
     image = cv2.imread(args.photo)
     if image is None:
         raise CliError(f"cannot read {args.photo} as an image")
