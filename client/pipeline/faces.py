@@ -15,7 +15,7 @@ import numpy as np
 from client.keystore import FamilyBundle
 from client.rpc import PrivfaceClient
 from common import ckks
-from common.errors import MalformedInputError
+from common.errors import MalformedInputError, PreconditionError
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,13 @@ def identify(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarra
 
 
 def gallery_counts(client: PrivfaceClient) -> dict[int, int]:
-    """Live gallery entries per slot."""
+    """Live gallery entries per slot (empty if the family has no gallery yet)."""
     counts: dict[int, int] = {}
-    for block in client.gallery_layout().blocks:
+    try:
+        layout = client.gallery_layout()
+    except PreconditionError:  # no public context uploaded yet: nothing enrolled
+        return counts
+    for block in layout.blocks:
         for slot in block.position_slots:
             if slot >= 0:
                 counts[slot] = counts.get(slot, 0) + 1
