@@ -111,6 +111,11 @@ def cmd_people(args: argparse.Namespace) -> int:
             s.bundle.remove_member(name)
             print(f"removed {name} ({dead} gallery faces)")
         s.save()
+        if s.bundle.ckks_secret:
+            from client.pipeline.faces import compact
+            before, after = compact(s.client, s.bundle)
+            print(f"gallery re-packed: {before} positions -> {after} encrypted faces "
+                  "(the removed faces' ciphertexts are deleted from the server)")
     elif not s.bundle.roster:
         print("no members yet: `privface people add NAME` or `privface enroll NAME PHOTO...`")
     else:

@@ -249,3 +249,20 @@ class PrivfaceClient:
         """Published detectors (public descriptions only)."""
         return list(self.call(self.detector.ListDetectors, detection_pb2.ListDetectorsRequest(),
                               auth=False).detectors)
+
+    def gallery_block(self, block: int) -> faces_pb2.GetGalleryBlockResponse:
+        """One block's ciphertexts and position slots."""
+        return self.call(self.faces.GetGalleryBlock,
+                         faces_pb2.GetGalleryBlockRequest(block=block), timeout=UPLOAD_TIMEOUT)
+
+    def replace_gallery(self, expected_positions: int,
+                        blocks: list[tuple[list[bytes], list[int]]]) -> int:
+        """Swaps in a re-packed gallery; returns the live entry count."""
+        def requests() -> Iterator[faces_pb2.ReplaceGalleryRequest]:
+            yield faces_pb2.ReplaceGalleryRequest(header=faces_pb2.ReplaceGalleryHeader(
+                expected_positions=expected_positions, block_count=len(blocks)))
+            for cts, slots in blocks:
+                yield faces_pb2.ReplaceGalleryRequest(block=faces_pb2.ReplacementBlock(
+                    ciphertexts=faces_pb2.Ciphertexts(items=cts), slots=slots))
+        return self.call(self.faces.ReplaceGallery, requests(),
+                         timeout=UPLOAD_TIMEOUT).gallery_entry_count

@@ -82,6 +82,7 @@ __all__ = [
     "match_prepared",
     "decrypt_squared_distances",
     "decrypt_distances",
+    "decrypt_entries",
     "assign",
     "nearest",
 ]
@@ -602,6 +603,25 @@ def decrypt_squared_distances(secret: SecretContext, result: bytes, n_entries=No
         raise ValueError(f"cannot decrypt result: {exc}") from exc
     vals = np.asarray(secret._encoder.decode_double(pt))
     return vals[:: lay.k][: int(n_entries)]
+
+
+def decrypt_entries(secret: SecretContext, block: Sequence[bytes]) -> np.ndarray:
+    """Phone: the embeddings stored in one gallery block, (entries_per_block, 128).
+
+    Used to re-pack the gallery (drop removed members' entries) without the server ever
+    seeing a decrypted value.
+    """
+    if not isinstance(secret, SecretContext):
+        raise ValueError("decryption needs the phone's SecretContext")
+    lay = secret.layout
+    cts = _check_block_list(secret, block, KIND_GALLERY, "gallery block")
+    out = np.zeros((lay.entries_per_block, DIM))
+    for c, ct in enumerate(cts):
+        pt = sealapi.Plaintext()
+        secret._decryptor.decrypt(ct, pt)
+        vals = np.asarray(secret._encoder.decode_double(pt))
+        out[:, c * lay.k:(c + 1) * lay.k] = vals.reshape(lay.entries_per_block, lay.k)
+    return out
 
 
 def decrypt_distances(secret: SecretContext, result: bytes, n_entries=None) -> np.ndarray:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from common import ckks
-from common.errors import MalformedInputError, PreconditionError
+from common.errors import MalformedInputError, NotFoundError, PreconditionError
 from server.storage import Family, Store
 
 MAX_FACES_PER_QUERY = 64
@@ -128,6 +128,35 @@ class GalleryService:
                 raise _invalid(exc) from exc
             self.store.put_gallery_block(family.family_id, block, pack_ciphertexts(merged),
                                          used, [slot] * count)
+        return self.store.family_counts(family.family_id)[1]
+
+    def block(self, family: Family, block: int) -> tuple[list[bytes], list[int]]:
+        """One stored block (ciphertexts, position slots), for the phone to re-pack."""
+        data = self.store.gallery_block(family.family_id, block)
+        if data is None:
+            raise NotFoundError(f"the gallery has no block {block}")
+        return unpack_ciphertexts(data), self.store.gallery_layout(family.family_id)[block]
+
+    def replace(self, family: Family, expected_positions: int,
+                blocks: list[tuple[list[bytes], list[int]]]) -> int:
+        """Replaces the gallery with phone-re-packed blocks; returns the live entry count."""
+        gallery = self._gallery(family)
+        per_block = gallery.public.layout.entries_per_block
+        prepared = []
+        for i, (cts, slots) in enumerate(blocks):
+            if not 1 <= len(slots) <= per_block:
+                raise MalformedInputError(f"block {i} must hold 1..{per_block} entries")
+            try:
+                prepared.append(ckks.prepare_block(gallery.public, cts))
+            except ValueError as exc:
+                raise _invalid(exc) from exc
+        with gallery.lock:
+            if not self.store.replace_gallery(
+                    family.family_id, expected_positions,
+                    [(pack_ciphertexts(cts), slots) for cts, slots in blocks]):
+                raise PreconditionError("the gallery changed while it was being re-packed "
+                                        "(another phone enrolled): fetch it again and retry")
+        self.forget(family.family_id)
         return self.store.family_counts(family.family_id)[1]
 
     def remove_slot(self, family: Family, slot: int) -> int:

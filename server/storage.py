@@ -321,6 +321,25 @@ class Store:
                            [(family_id, block, first_position + i, s)
                             for i, s in enumerate(slots)])
 
+    def replace_gallery(self, family_id: str, expected_positions: int,
+                        blocks: list[tuple[bytes, list[int]]]) -> bool:
+        """Swaps the whole gallery in one transaction; False (nothing changed) if the
+        gallery no longer has ``expected_positions`` positions (someone enrolled meanwhile)."""
+        with self._tx() as db:
+            now = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE family_id = ?",
+                             (family_id,)).fetchone()[0]
+            if now != expected_positions:
+                return False
+            db.execute("DELETE FROM gallery_blocks WHERE family_id = ?", (family_id,))
+            db.execute("DELETE FROM gallery_positions WHERE family_id = ?", (family_id,))
+            for block, (ciphertexts, slots) in enumerate(blocks):
+                db.execute("INSERT INTO gallery_blocks (family_id, block, ciphertexts) "
+                           "VALUES (?, ?, ?)", (family_id, block, ciphertexts))
+                db.executemany("INSERT INTO gallery_positions (family_id, block, position, "
+                               "slot) VALUES (?, ?, ?, ?)",
+                               [(family_id, block, i, s) for i, s in enumerate(slots)])
+        return True
+
     def kill_gallery_slot(self, family_id: str, slot: int) -> int:
         """Marks every entry of one slot dead; returns how many."""
         with self._tx() as db:

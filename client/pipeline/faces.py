@@ -117,3 +117,28 @@ def gallery_counts(client: PrivfaceClient) -> dict[int, int]:
             if slot >= 0:
                 counts[slot] = counts.get(slot, 0) + 1
     return counts
+
+
+def compact(client: PrivfaceClient, bundle: FamilyBundle) -> tuple[int, int]:
+    """Re-packs the gallery without its dead entries, so a removed member's encrypted faces
+    are really deleted from the server. Blocks are downloaded, decrypted and re-encrypted
+    here; the server only swaps ciphertexts. Returns (positions before, entries after)."""
+    secret = secret_context(bundle)
+    layout = client.gallery_layout()
+    positions = sum(len(b.position_slots) for b in layout.blocks)
+    live, slots = [], []
+    for block in sorted(layout.blocks, key=lambda b: b.block):
+        if all(s < 0 for s in block.position_slots):
+            continue  # nothing alive: no need to download it
+        reply = client.gallery_block(block.block)
+        entries = ckks.decrypt_entries(secret, list(reply.ciphertexts.items))
+        for pos, slot in enumerate(reply.position_slots):
+            if slot >= 0:
+                live.append(entries[pos])
+                slots.append(slot)
+    per_block = secret.layout.entries_per_block
+    blocks = []
+    if live:
+        for b, cts in enumerate(ckks.encrypt_gallery(secret, np.array(live))):
+            blocks.append((cts, slots[b * per_block:(b + 1) * per_block]))
+    return positions, client.replace_gallery(positions, blocks)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from common.errors import MalformedInputError
 from privface.v1 import faces_pb2, faces_pb2_grpc
 from server.auth import authenticate
 from server.errors import grpc_errors
@@ -50,6 +51,34 @@ class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
             dims_per_ciphertext=layout.k, entries_per_block=layout.entries_per_block,
             blocks=[faces_pb2.GalleryBlock(block=b, position_slots=slots)
                     for b, slots in sorted(blocks.items())])
+
+    @grpc_errors
+    def GetGalleryBlock(self, request: faces_pb2.GetGalleryBlockRequest,
+                        context: grpc.ServicerContext) -> faces_pb2.GetGalleryBlockResponse:
+        family = authenticate(self.store, context)
+        cts, slots = self.gallery.block(family, request.block)
+        return faces_pb2.GetGalleryBlockResponse(
+            ciphertexts=faces_pb2.Ciphertexts(items=cts), position_slots=slots)
+
+    @grpc_errors
+    def ReplaceGallery(self, request_iterator: Iterator[faces_pb2.ReplaceGalleryRequest],
+                       context: grpc.ServicerContext) -> faces_pb2.ReplaceGalleryResponse:
+        family = authenticate(self.store, context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise MalformedInputError("the first ReplaceGallery message must be the header")
+        blocks = []
+        for msg in request_iterator:
+            if not msg.HasField("block"):
+                raise MalformedInputError("only blocks may follow the header")
+            blocks.append((list(msg.block.ciphertexts.items), list(msg.block.slots)))
+        if len(blocks) != first.header.block_count:
+            raise MalformedInputError(f"{len(blocks)} blocks arrived, the header announced "
+                                      f"{first.header.block_count}: retry")
+        total = self.gallery.replace(family, first.header.expected_positions, blocks)
+        log.info("family %s re-packed its gallery: %d blocks, %d entries", family.family_id,
+                 len(blocks), total)
+        return faces_pb2.ReplaceGalleryResponse(gallery_entry_count=total)
 
     @grpc_errors
     def MatchFaces(self, request: faces_pb2.MatchFacesRequest,

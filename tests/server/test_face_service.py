@@ -98,3 +98,32 @@ def test_precise_errors(family) -> None:
         client.match_faces([tampered])
     with pytest.raises(MalformedInputError):
         client.match_faces([])
+
+
+def test_compact_deletes_removed_members_ciphertexts(family) -> None:
+    client, bundle = family
+    faces.ensure_ckks_keys(client, bundle)
+    rng = np.random.default_rng(5)
+    members = {}
+    for i in range(3):  # 3 x 50 = 150 entries: two blocks
+        emb = rng.standard_normal((50, 128))
+        members[f"m{i}"] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        for chunk in (members[f"m{i}"][:20], members[f"m{i}"][20:40], members[f"m{i}"][40:]):
+            faces.enroll(client, bundle, f"m{i}", chunk)
+    client.remove_gallery_slot(bundle.remove_member("m1"))
+    before, after = faces.compact(client, bundle)
+    assert (before, after) == (150, 100)
+    layout = client.gallery_layout()
+    assert [len(b.position_slots) for b in layout.blocks] == [100]
+    assert all(s >= 0 for b in layout.blocks for s in b.position_slots)
+    # What the server now stores decrypts to m0 and m2 only: m1's faces are gone.
+    secret = faces.secret_context(bundle)
+    stored = ckks.decrypt_entries(secret, list(client.gallery_block(0).ciphertexts.items))[:100]
+    assert np.allclose(stored, np.vstack([members["m0"], members["m2"]]), atol=1e-4)
+    matches = faces.identify(client, bundle, np.vstack([members["m0"][:1], members["m1"][:1],
+                                                        members["m2"][:1]]))
+    assert [m.name for m in matches] == ["m0", None, "m2"]
+    # A replacement based on a stale view of the gallery is refused, nothing changes.
+    with pytest.raises(PreconditionError, match="changed"):
+        client.replace_gallery(150, [])
+    assert faces.gallery_counts(client) == {bundle.slot_of("m0"): 50, bundle.slot_of("m2"): 50}
