@@ -13,6 +13,7 @@ from privface.v1 import detection_pb2, detection_pb2_grpc
 from server.auth import authenticate
 from server.detection import DetectorRegistry
 from server.errors import abort_with, grpc_errors
+from server.servicers.chunks import header_then_parts
 from server.storage import Store
 
 log = logging.getLogger(__name__)
@@ -36,19 +37,10 @@ class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
     def PublishDetector(self, request_iterator: Iterator[detection_pb2.PublishDetectorRequest],
                         context: grpc.ServicerContext) -> detection_pb2.PublishDetectorResponse:
         self._check_vendor(context)
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise MalformedInputError("the first PublishDetector message must be the header")
-
-        def chunks() -> Iterator[bytes]:
-            for msg in request_iterator:
-                if not msg.HasField("chunk"):
-                    raise MalformedInputError("only chunks may follow the header")
-                yield msg.chunk
-
-        self.registry.publish(first.header, chunks())
-        return detection_pb2.PublishDetectorResponse(detector_id=first.header.detector_id,
-                                                     key_version=first.header.key_version)
+        header, chunks = header_then_parts(request_iterator, "PublishDetector", "chunk")
+        self.registry.publish(header, chunks)
+        return detection_pb2.PublishDetectorResponse(detector_id=header.detector_id,
+                                                     key_version=header.key_version)
 
     @grpc_errors
     def ListDetectors(self, request: detection_pb2.ListDetectorsRequest,

@@ -11,6 +11,7 @@ from common.errors import MalformedInputError
 from privface.v1 import faces_pb2, faces_pb2_grpc
 from server.auth import authenticate
 from server.errors import grpc_errors
+from server.servicers.chunks import header_then_parts
 from server.gallery import GalleryService
 from server.storage import Store
 
@@ -64,18 +65,12 @@ class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
     def ReplaceGallery(self, request_iterator: Iterator[faces_pb2.ReplaceGalleryRequest],
                        context: grpc.ServicerContext) -> faces_pb2.ReplaceGalleryResponse:
         family = authenticate(self.store, context)
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise MalformedInputError("the first ReplaceGallery message must be the header")
-        blocks = []
-        for msg in request_iterator:
-            if not msg.HasField("block"):
-                raise MalformedInputError("only blocks may follow the header")
-            blocks.append((list(msg.block.ciphertexts.items), list(msg.block.slots)))
-        if len(blocks) != first.header.block_count:
+        header, parts = header_then_parts(request_iterator, "ReplaceGallery", "block")
+        blocks = [(list(b.ciphertexts.items), list(b.slots)) for b in parts]
+        if len(blocks) != header.block_count:
             raise MalformedInputError(f"{len(blocks)} blocks arrived, the header announced "
-                                      f"{first.header.block_count}: retry")
-        total = self.gallery.replace(family, first.header.expected_positions, blocks)
+                                      f"{header.block_count}: retry")
+        total = self.gallery.replace(family, header.expected_positions, blocks)
         log.info("family %s re-packed its gallery: %d blocks, %d entries", family.family_id,
                  len(blocks), total)
         return faces_pb2.ReplaceGalleryResponse(gallery_entry_count=total)

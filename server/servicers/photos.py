@@ -15,7 +15,7 @@ from server.auth import authenticate
 from server.config import ServerConfig
 from server.errors import grpc_errors
 from server.label_index import LabelSearch
-from server.servicers.chunks import CheckedChunks, check_limit
+from server.servicers.chunks import CheckedChunks, check_limit, header_then_parts
 from server.storage import PHOTO_ID_RE, Store, write_file_atomically
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
     def BackupPhoto(self, request_iterator: Iterator[photos_pb2.BackupPhotoRequest],
                     context: grpc.ServicerContext) -> photos_pb2.BackupPhotoResponse:
         family = authenticate(self.store, context)
-        first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
-            raise MalformedInputError("the first BackupPhoto message must be the header")
-        header = first.header
+        header, chunks = header_then_parts(request_iterator, "BackupPhoto", "chunk")
         _check_photo_id(header.photo_id)
         check_limit(header.blob_size, self.config.max_photo_bytes, "photo")
         check_limit(len(header.encrypted_thumbnail), MAX_THUMBNAIL_BYTES, "thumbnail")
@@ -72,14 +69,8 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
         if len(header.blob_sha256) != 32:
             raise MalformedInputError("blob_sha256 must be 32 bytes")
 
-        def chunks() -> Iterator[bytes]:
-            for msg in request_iterator:
-                if not msg.HasField("chunk"):
-                    raise MalformedInputError("only chunks may follow the header")
-                yield msg.chunk
-
         path = self.store.new_blob_path(family.family_id, header.photo_id)
-        checked = CheckedChunks(chunks(), header.blob_size, "photo blob")
+        checked = CheckedChunks(chunks, header.blob_size, "photo blob")
         try:
             write_file_atomically(path, checked)
             checked.verify(header.blob_sha256)
