@@ -65,7 +65,7 @@ from client.pipeline.family import create_family  # noqa: E402
 from client.pipeline.windows import pyramid_levels, scan_windows  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
-from common.cascade import default_cascade_path  # noqa: E402
+from common.cascade import default_cascade_path, load_cascade  # noqa: E402
 from privface.v1 import detection_pb2  # noqa: E402
 from server.app import create_server, vendor_token  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         try:
             with PrivfaceClient(f"127.0.0.1:{port}") as client:
-                cascade = vendor.cascade_for(None)
+                cascade = load_cascade()
                 key = sc.generate_product_key("frontalface_alt", cascade)
                 vendor.publish(client, cascade, key, vendor_token(config))
                 create_family(client)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 from client.rpc import PrivfaceClient
 from common import secure_cascade as sc
-from common.cascade import Cascade, load_cascade
+from common.cascade import Cascade
 from privface.v1 import detection_pb2
 
 
@@ -38,8 +37,3 @@ def publish(client: PrivfaceClient, cascade: Cascade, key: sc.ProductKey,
     """E-FD then upload: the server receives ciphertexts and public structure only."""
     enc = sc.encrypt_cascade(cascade, key)
     return client.publish_detector(detector_header(enc), enc.matrix_bytes(), vendor_token)
-
-
-def cascade_for(path: str | Path | None) -> Cascade:
-    """The vendor's plaintext cascade (OpenCV's frontalface_alt by default)."""
-    return load_cascade(path)

@@ -10,11 +10,12 @@ from pathlib import Path
 from client import vendor
 from client.rpc import PrivfaceClient
 from common import secure_cascade as sc
+from common.cascade import load_cascade
 from common.errors import PrivfaceError
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    cascade = vendor.cascade_for(args.cascade)
+    cascade = load_cascade(args.cascade)
     key = sc.generate_product_key(args.detector, cascade, args.version,
                                   prefix_stages=args.prefix_stages)
     out = Path(args.output)
@@ -34,7 +35,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     key = sc.ProductKey.from_bytes(Path(args.key).read_bytes())
-    cascade = vendor.cascade_for(args.cascade)
+    cascade = load_cascade(args.cascade)
     token = args.vendor_token or (Path(args.vendor_token_file).read_text().strip()
                                   if args.vendor_token_file else "")
     if not token:

@@ -116,10 +116,6 @@ class Cascade:
     def n_pixels(self) -> int:
         return int(self.weights.shape[1])
 
-    @property
-    def stage_starts(self) -> np.ndarray:
-        return np.concatenate(([0], self.stage_ends[:-1])).astype(np.int64)
-
     def stage_slice(self, stage: int) -> slice:
         """Indices of the weak classifiers of ``stage``."""
         start = 0 if stage == 0 else int(self.stage_ends[stage - 1])

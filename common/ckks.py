@@ -502,9 +502,6 @@ def _unwrap(ctx: _Base, data, kind: int, index: Optional[int]):
     return ct
 
 
-def _header_index(data: bytes) -> int:
-    return _HEADER.unpack_from(data)[4]
-
 
 # --------------------------------------------------------------------------- phone side
 

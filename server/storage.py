@@ -27,7 +27,6 @@ from common.errors import AlreadyExistsError, AuthenticationError, NotFoundError
 log = logging.getLogger(__name__)
 
 PHOTO_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-FAMILY_ID_RE = re.compile(r"^fam_[0-9a-f]{24}$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS families (
@@ -85,7 +84,6 @@ class Family:
     label_key_fp: bytes
     label_dim: int
     context_file: str | None
-    context_size: int | None
 
 
 @dataclass(frozen=True)
@@ -180,12 +178,12 @@ class Store:
     def authenticate(self, family_id: str, token: str) -> Family:
         """The family whose id and token these are; AuthenticationError otherwise."""
         row = self._db().execute(
-            "SELECT token_hash, label_key_fp, label_dim, context_file, context_size "
+            "SELECT token_hash, label_key_fp, label_dim, context_file "
             "FROM families WHERE family_id = ?", (family_id,)).fetchone()
         if row is None or not secrets.compare_digest(row[0], hash_token(token)):
             raise AuthenticationError(
                 "unknown family or wrong access token: check the family bundle")
-        return Family(family_id, row[1], row[2], row[3], row[4])
+        return Family(family_id, row[1], row[2], row[3])
 
     def family_counts(self, family_id: str) -> tuple[int, int]:
         """(photo count, live gallery entry count)."""

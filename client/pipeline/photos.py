@@ -38,7 +38,6 @@ class BackupReceipt:
 
     photo_id: str
     already_stored: bool
-    uploaded_bytes: int
 
 
 def photo_id_for(bundle: FamilyBundle, data: bytes) -> str:
@@ -89,8 +88,8 @@ def backup_photo(client: PrivfaceClient, bundle: FamilyBundle, data: bytes,
         response = client.backup_photo(photo_id, blob, encrypted,
                                        bundle.label_key.fingerprint(), thumb_blob)
     except AlreadyExistsError:  # same content, backed up before (other randomness)
-        return BackupReceipt(photo_id, True, 0)
-    return BackupReceipt(photo_id, response.already_stored, len(blob) + len(thumb_blob))
+        return BackupReceipt(photo_id, True)
+    return BackupReceipt(photo_id, response.already_stored)
 
 
 def search_photos(client: PrivfaceClient, bundle: FamilyBundle, slots: Iterable[int],

@@ -27,7 +27,7 @@ from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetec
 from client.rpc import PrivfaceClient, translate
 from common import errors
 from common import secure_cascade as sc
-from common.cascade import default_cascade_path
+from common.cascade import default_cascade_path, load_cascade
 from privface.v1 import detection_pb2
 from server.app import vendor_token
 from server.config import ServerConfig
@@ -54,7 +54,7 @@ class VendorMaterial:
 @pytest.fixture(scope="module")
 def material() -> VendorMaterial:
     """The vendor's cascade, product key (version 1) and encrypted upload, made once."""
-    cascade = vendor.cascade_for(None)
+    cascade = load_cascade()
     key = sc.generate_product_key(DETECTOR_ID, cascade, rng=np.random.default_rng(1))
     enc = sc.encrypt_cascade(cascade, key, rng=np.random.default_rng(2))
     return VendorMaterial(cascade, key, enc, vendor.detector_header(enc), enc.matrix_bytes())
