@@ -108,11 +108,13 @@ class PrivfaceClient:
         return self.credentials.metadata()
 
     def call(self, fn: Callable[..., T], request: Any, *, timeout: float | None = None,
-             auth: bool = True) -> T:
-        """A unary or client-streaming call with deadline, credentials, translated errors."""
+             auth: bool = True, metadata: tuple[tuple[str, str], ...] | None = None) -> T:
+        """A unary or client-streaming call with deadline, credentials (the family's, or
+        ``metadata`` when given), translated errors."""
+        if metadata is None and auth:
+            metadata = self.metadata()
         try:
-            return fn(request, timeout=timeout or self.timeout,
-                      metadata=self.metadata() if auth else None)
+            return fn(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             raise translate(exc, self.address) from None
 
@@ -238,12 +240,8 @@ class PrivfaceClient:
             yield detection_pb2.PublishDetectorRequest(header=header)
             for start in range(0, len(matrix), CHUNK_BYTES):
                 yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + CHUNK_BYTES])
-        try:
-            return self.detector.PublishDetector(
-                requests(), timeout=UPLOAD_TIMEOUT,
-                metadata=(("authorization", f"Bearer {vendor_token}"),))
-        except grpc.RpcError as exc:
-            raise translate(exc, self.address) from None
+        return self.call(self.detector.PublishDetector, requests(), timeout=UPLOAD_TIMEOUT,
+                         metadata=(("authorization", f"Bearer {vendor_token}"),))
 
     def list_detectors(self) -> list[detection_pb2.DetectorInfo]:
         """Published detectors (public descriptions only)."""

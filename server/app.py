@@ -49,7 +49,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     photos_pb2_grpc.add_PhotoServiceServicer_to_server(
         PhotoServicer(store, config, search), server)
     faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery), server)
-    registry = DetectorRegistry(store, config.max_window_batch)
+    registry = DetectorRegistry(store, config.max_window_batch, config.max_detector_bytes)
     detection_pb2_grpc.add_DetectorServiceServicer_to_server(
         DetectorServicer(store, registry, vendor_token(config)), server)
     health_servicer = health.HealthServicer()

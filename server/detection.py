@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -15,6 +14,7 @@ from common import secure_cascade as sc
 from common.errors import KeyMismatchError, MalformedInputError, NotFoundError
 from privface.v1 import detection_pb2
 from server.storage import Store
+from server.uploads import CheckedChunks, check_limit
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +85,25 @@ def cascade_from_header(header: detection_pb2.DetectorHeader, matrix: bytes
 class DetectorRegistry:
     """Published detectors, loaded once into memory."""
 
-    def __init__(self, store: Store, max_window_batch: int) -> None:
+    def __init__(self, store: Store, max_window_batch: int, max_detector_bytes: int) -> None:
         self.store = store
         self.max_window_batch = max_window_batch
+        self.max_detector_bytes = max_detector_bytes
         self._cache: dict[tuple[str, int], sc.EncryptedCascade] = {}
         self._lock = threading.Lock()
 
     def publish(self, header: detection_pb2.DetectorHeader, chunks: Iterator[bytes]) -> None:
         """Stores a detector after checking size and hash of the streamed matrix."""
         validate_header(header)
-        digest = hashlib.sha256()
-        size = [0]
-
-        def checked() -> Iterator[bytes]:
-            for chunk in chunks:
-                size[0] += len(chunk)
-                if size[0] > header.matrix_size:
-                    raise MalformedInputError("detector matrix is longer than announced")
-                digest.update(chunk)
-                yield chunk
-        path_size = self.store.put_detector(header.detector_id, header.key_version,
-                                            header.key_fingerprint, header.SerializeToString(),
-                                            checked(), verify=lambda: self._verify(
-                                                header, size[0], digest.digest()))
+        check_limit(header.matrix_size, self.max_detector_bytes, "detector matrix")
+        checked = CheckedChunks(chunks, header.matrix_size, "detector matrix")
+        size = self.store.put_detector(header.detector_id, header.key_version,
+                                       header.key_fingerprint, header.SerializeToString(),
+                                       checked, verify=lambda: checked.verify(header.matrix_sha256))
         with self._lock:
             self._cache.pop((header.detector_id, header.key_version), None)
         log.info("published detector %s v%d (%d bytes)", header.detector_id,
-                 header.key_version, path_size)
-
-    @staticmethod
-    def _verify(header: detection_pb2.DetectorHeader, size: int, digest: bytes) -> None:
-        if size != header.matrix_size:
-            raise MalformedInputError(f"detector matrix ended after {size} of "
-                                      f"{header.matrix_size} bytes: retry the upload")
-        if digest != header.matrix_sha256:
-            raise MalformedInputError("detector matrix does not match its SHA-256")
+                 header.key_version, size)
 
     def list(self) -> list[detection_pb2.DetectorHeader]:
         """Headers of every published detector."""
@@ -129,7 +113,7 @@ class DetectorRegistry:
     def open_session(self, detector_id: str, key_version: int,
                      key_fingerprint: bytes) -> sc.EncryptedCascade:
         """The detector a phone asked for, after checking its product key matches."""
-        versions = {v: fp for d, v, fp, _ in self.store.list_detectors() if d == detector_id}
+        versions = self.store.detector_versions(detector_id)
         if not versions:
             raise NotFoundError(f"no detector {detector_id!r} is published on this server")
         if key_version not in versions:

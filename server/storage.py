@@ -379,6 +379,11 @@ class Store:
             "SELECT detector_id, key_version, key_fp, header FROM detectors "
             "ORDER BY detector_id, key_version DESC"))
 
+    def detector_versions(self, detector_id: str) -> dict[int, bytes]:
+        """key_version -> key fingerprint of every published version of one detector."""
+        return dict(self._db().execute("SELECT key_version, key_fp FROM detectors "
+                                       "WHERE detector_id = ?", (detector_id,)))
+
     def get_detector(self, detector_id: str, key_version: int) -> tuple[bytes, bytes, Path]:
         """(key_fp, header, matrix path) of one detector version."""
         row = self._db().execute("SELECT key_fp, header, matrix_file FROM detectors WHERE "

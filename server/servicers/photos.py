@@ -15,7 +15,8 @@ from server.auth import authenticate
 from server.config import ServerConfig
 from server.errors import grpc_errors
 from server.label_index import LabelSearch
-from server.servicers.chunks import CheckedChunks, check_limit, header_then_parts
+from server.servicers.chunks import header_then_parts
+from server.uploads import CheckedChunks, check_limit
 from server.storage import PHOTO_ID_RE, Store, write_file_atomically
 
 log = logging.getLogger(__name__)
