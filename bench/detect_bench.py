@@ -60,7 +60,8 @@ sys.path.insert(0, str(ROOT))
 import client.pipeline.detect as detect_mod  # noqa: E402
 from bench.common import median_ms, print_table, write_json  # noqa: E402
 from client import vendor  # noqa: E402
-from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector  # noqa: E402
+from client.pipeline.detect import (DEFAULT, FAITHFUL, DetectionMode,  # noqa: E402
+                                    SecureDetector, working_image)
 from client.pipeline.family import create_family  # noqa: E402
 from client.pipeline.windows import pyramid_levels, scan_windows  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
@@ -256,7 +257,7 @@ def run_photo(path: Path, size: int, ctx: dict, run_faithful: bool) -> dict[str,
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     classifier = ctx["classifier"]
     default_det: SecureDetector = ctx["default"]
-    work, scale = default_det._working_image(gray)
+    work, scale = working_image(gray, default_det.mode.working_long_side)
     row: dict[str, Any] = {"photo": f"{path.parent.name}/{path.name}", "size": size,
                            "width": image.shape[1], "height": image.shape[0]}
 

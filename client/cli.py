@@ -19,7 +19,7 @@ from tqdm import tqdm
 from client.keystore import load_bundle, save_bundle
 from client.rpc import Credentials, PrivfaceClient
 from common import labels
-from common.errors import NotFoundError, PrivfaceError
+from common.errors import PrivfaceError
 
 DEFAULT_BUNDLE = Path.home() / ".privface" / "family.bundle"
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -269,9 +269,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except NotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
     except PrivfaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, CliError) else 1

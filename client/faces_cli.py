@@ -41,7 +41,7 @@ def face_boxes(s, rgb, mode_name: str = "default") -> list[tuple[int, int, int, 
 def secure_detect(s, bgr, mode_name: str):
     """Runs the vendor's encrypted detector on the server over one BGR photo."""
     from client.pipeline.detect import MODES, SecureDetector
-    detector_id, key_bytes = next(iter(sorted(s.bundle.product_keys.items())))
+    _, key_bytes = next(iter(sorted(s.bundle.product_keys.items())))
     key = sc.ProductKey.from_bytes(key_bytes)
     with tqdm(desc=f"secure detection [{mode_name}]", unit=" windows", unit_scale=True,
               leave=False, disable=not sys.stderr.isatty()) as bar:

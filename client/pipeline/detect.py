@@ -83,6 +83,17 @@ class DetectionReport:
     candidates: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
+def working_image(gray: np.ndarray, long_side: int | None) -> tuple[np.ndarray, float]:
+    """The grey photo scaled so its long side is ``long_side`` (never enlarged), and the
+    scale factor; boxes found on it map back to the photo by dividing by that factor."""
+    h, w = gray.shape
+    if long_side is None or max(h, w) <= long_side:
+        return gray, 1.0
+    scale = long_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), scale
+
+
 class _Stream:
     """One DetectFaces call driven synchronously: send a batch, read its outcomes."""
 
@@ -142,7 +153,7 @@ class SecureDetector:
         """Face boxes of a BGR or grey photo, in its own pixel coordinates."""
         start = time.perf_counter()
         gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        work, scale = self._working_image(gray)
+        work, scale = working_image(gray, self.mode.working_long_side)
         report = DetectionReport(boxes=[], scale=scale)
         stream = _Stream(self.client, self.key)
         rects = []
@@ -160,15 +171,6 @@ class SecureDetector:
         report.total_ms = (time.perf_counter() - start) * 1000
         report.phone_ms = report.total_ms - report.server_ms
         return report
-
-    def _working_image(self, gray: np.ndarray) -> tuple[np.ndarray, float]:
-        long_side = self.mode.working_long_side
-        h, w = gray.shape
-        if long_side is None or max(h, w) <= long_side:
-            return gray, 1.0
-        scale = long_side / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), scale
 
     def _window_sets(self, work: np.ndarray) -> Iterator[_WindowSet]:
         """The photo's windows: all at once when shuffling (so the server cannot tell

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from client.keystore import FamilyBundle, load_bundle, save_bundle
@@ -58,4 +57,3 @@ def test_roster_slots() -> None:
         bundle.add_member("a,b")
     with pytest.raises(MalformedInputError):
         save_bundle(bundle, Path("/tmp/never"), "short")
-    assert np.isfinite(bundle.label_key.m1).all()

@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 from client import vendor
-from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector
+from client.pipeline.detect import (DEFAULT, FAITHFUL, DetectionMode, SecureDetector,
+                                    working_image)
 from client.rpc import PrivfaceClient, translate
 from common import errors
 from common import secure_cascade as sc
@@ -87,7 +88,7 @@ def _opencv_boxes(detector: SecureDetector, image: np.ndarray) -> list[tuple[int
     """detectMultiScale at the mode's parameters on the detector's own working image,
     mapped back to photo pixels as SecureDetector maps its boxes."""
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    work, scale = detector._working_image(gray)
+    work, scale = working_image(gray, detector.mode.working_long_side)
     p = detector.mode.params
     boxes = _opencv().detectMultiScale(work, scaleFactor=p.scale_factor,
                                        minNeighbors=p.min_neighbors, minSize=p.min_size,
