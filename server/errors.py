@@ -26,7 +26,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
 ]
 
 
-def abort_with(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
             log.info("%s: %s", code.name, exc)
@@ -43,11 +43,11 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 yield from method(self, request, context)
             except errors.PrivfaceError as exc:
-                abort_with(context, exc)
+                _abort(context, exc)
             except Exception as exc:  # noqa: BLE001 - never leak a traceback as UNKNOWN
                 if isinstance(exc, grpc.RpcError) or not context.is_active():
                     return
-                abort_with(context, exc)
+                _abort(context, exc)
         return stream_wrapper
 
     @functools.wraps(method)
@@ -55,9 +55,9 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return method(self, request, context)
         except errors.PrivfaceError as exc:
-            abort_with(context, exc)
+            _abort(context, exc)
         except Exception as exc:  # noqa: BLE001
             if isinstance(exc, grpc.RpcError) or not context.is_active():
                 raise
-            abort_with(context, exc)
+            _abort(context, exc)
     return unary_wrapper

@@ -104,16 +104,25 @@ class FamilyLabelIndex:
 
 
 class LabelSearch:
-    """The label indexes of all families, loaded lazily from the store."""
+    """The label indexes of all families, loaded lazily from the store.
+
+    Each family has its own lock, so loading one large family's index (seconds at 1M
+    photos) holds up only that family's searches and uploads.
+    """
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self._indexes: dict[str, FamilyLabelIndex] = {}
+        self._family_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+
+    def _family_lock(self, family_id: str) -> threading.Lock:
+        with self._lock:
+            return self._family_locks.setdefault(family_id, threading.Lock())
 
     def index(self, family_id: str, dim: int) -> FamilyLabelIndex:
         """The family's index, loading it from the store on first use."""
-        with self._lock:
+        with self._family_lock(family_id):
             idx = self._indexes.get(family_id)
             if idx is None:
                 idx = FamilyLabelIndex(dim)
@@ -123,16 +132,16 @@ class LabelSearch:
             return idx
 
     def photo_added(self, family_id: str, photo_id: str, encrypted_labels: bytes) -> None:
-        """Called after a photo row commits. Takes the lock so a concurrent first load
-        cannot miss the row (add_many ignores ids the load already read)."""
-        with self._lock:
+        """Called after a photo row commits. Takes the family's lock so a concurrent first
+        load cannot miss the row (add_many ignores ids the load already read)."""
+        with self._family_lock(family_id):
             idx = self._indexes.get(family_id)
             if idx is not None:
                 idx.add_many([(photo_id, encrypted_labels)])
 
     def photo_removed(self, family_id: str, photo_id: str) -> None:
         """Called after a photo row is deleted."""
-        with self._lock:
+        with self._family_lock(family_id):
             idx = self._indexes.get(family_id)
             if idx is not None:
                 idx.remove(photo_id)

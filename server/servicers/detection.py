@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from common.errors import AuthenticationError, MalformedInputError, PrivfaceError
+from common.errors import AuthenticationError, MalformedInputError
 from privface.v1 import detection_pb2, detection_pb2_grpc
 from server.auth import authenticate
 from server.detection import DetectorRegistry
-from server.errors import abort_with, grpc_errors
+from server.errors import grpc_errors
 from server.servicers.chunks import header_then_parts
 from server.storage import Store
 
@@ -53,32 +53,24 @@ class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
                 window_width=h.window_width, window_height=h.window_height)
             for h in self.registry.list()])
 
+    @grpc_errors
     def DetectFaces(self, request_iterator: Iterator[detection_pb2.DetectFacesRequest],
                     context: grpc.ServicerContext) -> Iterator[detection_pb2.DetectFacesResponse]:
-        # Not wrapped by grpc_errors: a bidirectional stream maps errors itself so that a
-        # bad batch ends the stream with a precise status.
-        try:
-            authenticate(self.store, context)
-            first = next(request_iterator, None)
-            if first is None or not first.HasField("session"):
-                raise MalformedInputError("the first DetectFaces message must be the session")
-            session = first.session
-            cascade = self.registry.open_session(session.detector_id, session.key_version,
-                                                 session.key_fingerprint)
-            windows = 0
-            for msg in request_iterator:
-                if not msg.HasField("batch"):
-                    raise MalformedInputError("only window batches may follow the session")
-                result = self.registry.evaluate(cascade, msg.batch)
-                windows += msg.batch.count
-                yield detection_pb2.DetectFacesResponse(
-                    batch_id=msg.batch.batch_id, count=msg.batch.count,
-                    outcomes=result.outcomes, server_ms=result.server_ms)
-            log.info("detection session on %s v%d: %d windows", session.detector_id,
-                     session.key_version, windows)
-        except PrivfaceError as exc:
-            abort_with(context, exc)
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, grpc.RpcError) or not context.is_active():
-                return
-            abort_with(context, exc)
+        authenticate(self.store, context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("session"):
+            raise MalformedInputError("the first DetectFaces message must be the session")
+        session = first.session
+        cascade = self.registry.open_session(session.detector_id, session.key_version,
+                                             session.key_fingerprint)
+        windows = 0
+        for msg in request_iterator:
+            if not msg.HasField("batch"):
+                raise MalformedInputError("only window batches may follow the session")
+            result = self.registry.evaluate(cascade, msg.batch)
+            windows += msg.batch.count
+            yield detection_pb2.DetectFacesResponse(
+                batch_id=msg.batch.batch_id, count=msg.batch.count,
+                outcomes=result.outcomes, server_ms=result.server_ms)
+        log.info("detection session on %s v%d: %d windows", session.detector_id,
+                 session.key_version, windows)
