@@ -35,6 +35,14 @@ class AuthenticationError(PrivfaceError):
     """Missing or wrong credentials (gRPC UNAUTHENTICATED)."""
 
 
+class PermissionDeniedError(AuthenticationError):
+    """Valid credentials that may no longer act, e.g. a revoked device (gRPC PERMISSION_DENIED)."""
+
+
+class VersionConflictError(PrivfaceError):
+    """A compare-and-set write lost a race: re-read and retry (gRPC ABORTED)."""
+
+
 class LimitExceededError(PrivfaceError):
     """A size or count limit was exceeded (gRPC RESOURCE_EXHAUSTED)."""
 
