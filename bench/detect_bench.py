@@ -67,7 +67,7 @@ from client.pipeline.windows import pyramid_levels, scan_windows  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
 from common.cascade import default_cascade_path, load_cascade  # noqa: E402
-from privface.v1 import detection_pb2  # noqa: E402
+from client import rpc as rpc_mod  # noqa: E402
 from server.app import create_server, vendor_token  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
@@ -139,7 +139,7 @@ class Meter:
     def __init__(self) -> None:
         self.reset()
         real_encrypt = sc.encrypt_windows
-        real_run = detect_mod._Stream.run
+        real_run = rpc_mod.DetectionStream.run
 
         def encrypt(key, pixels, nf, encoding=sc.Encoding.FLOAT32, prefix=False, rng=None):
             start = time.perf_counter()
@@ -154,11 +154,10 @@ class Meter:
                 self.full_windows += n
             return out
 
-        def run(stream, batch, report):
-            batch.batch_id = stream._next_id  # what run() assigns, for the exact size
-            size = detection_pb2.DetectFacesRequest(batch=batch).ByteSize()
-            self.max_message = max(self.max_message, size)
-            return real_run(stream, batch, report)
+        def run(stream, *args):
+            answer = real_run(stream, *args)
+            self.max_message = max(self.max_message, answer.request_bytes)
+            return answer
 
         def scan(gray, cascade, params, batch_windows=DEFAULT_SCAN_BATCH) -> Iterator:
             it = scan_windows(gray, cascade, params, batch_windows)
@@ -173,7 +172,7 @@ class Meter:
                 yield batch
 
         sc.encrypt_windows = encrypt  # the server never calls it
-        detect_mod._Stream.run = run
+        rpc_mod.DetectionStream.run = run
         detect_mod.scan_windows = scan
 
     def reset(self, mode: DetectionMode | None = None) -> None:

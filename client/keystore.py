@@ -45,6 +45,10 @@ class FamilyBundle:
     roster: dict[str, int] = field(default_factory=dict)
     ckks_secret: bytes | None = None
     product_keys: dict[str, bytes] = field(default_factory=dict)
+    device_id: str = ""
+    device_name: str = ""
+    roster_version: int = 0  # version of the family's sealed roster this copy reflects
+    invite_token: str = ""  # only in an export file: the one-time invitation to join with
 
     def slot_of(self, name: str) -> int:
         """The opaque slot of a member; NotFoundError names the known members."""
@@ -63,10 +67,7 @@ class FamilyBundle:
 
     def add_member(self, name: str) -> int:
         """Gives a new member the lowest free slot (existing members keep theirs)."""
-        name = name.strip()
-        if not name or len(name) > MAX_NAME_LENGTH or "," in name:
-            raise MalformedInputError(
-                f"member names must be 1..{MAX_NAME_LENGTH} characters without commas")
+        name = check_member_name(name)
         if name in self.roster:
             return self.roster[name]
         used = set(self.roster.values())
@@ -82,12 +83,25 @@ class FamilyBundle:
         del self.roster[name]
         return slot
 
+    def rename_member(self, old: str, new: str) -> None:
+        """Gives a member a new name (same slot, so photos and faces stay theirs)."""
+        new = check_member_name(new)
+        if new in self.roster and new != old:
+            raise MalformedInputError(f"there is already a member called {new!r}")
+        self.roster[new] = self.roster.pop(self._known(old))
+
+    def _known(self, name: str) -> str:
+        self.slot_of(name)  # raises NotFoundError naming the known members
+        return name
+
     # -- serialisation -------------------------------------------------------------------
 
     def _sections(self) -> dict[str, bytes]:
         meta = {"family_id": self.family_id, "server": self.server,
                 "access_token": self.access_token, "capacity": self.capacity,
-                "roster": self.roster}
+                "roster": self.roster, "device_id": self.device_id,
+                "device_name": self.device_name, "roster_version": self.roster_version,
+                "invite_token": self.invite_token}
         sections = {"meta": json.dumps(meta, sort_keys=True).encode(),
                     "label_key": self.label_key.to_bytes(), "master_key": self.master_key}
         if self.ckks_secret is not None:
@@ -106,7 +120,20 @@ class FamilyBundle:
                    master_key=sections["master_key"],
                    ckks_secret=sections.get("ckks_secret"),
                    product_keys={k.split(":", 1)[1]: v for k, v in sections.items()
-                                 if k.startswith("product_key:")})
+                                 if k.startswith("product_key:")},
+                   device_id=meta.get("device_id", ""),
+                   device_name=meta.get("device_name", ""),
+                   roster_version=int(meta.get("roster_version", 0)),
+                   invite_token=meta.get("invite_token", ""))
+
+
+def check_member_name(name: str) -> str:
+    """The name stripped; MalformedInputError unless 1..64 characters without commas."""
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or "," in name or not name.isprintable():
+        raise MalformedInputError(
+            f"member names must be 1..{MAX_NAME_LENGTH} printable characters without commas")
+    return name
 
 
 def _pack(sections: dict[str, bytes]) -> bytes:

@@ -6,22 +6,28 @@ Nothing here sees a key: callers pass ciphertexts in and get ciphertexts out.
 from __future__ import annotations
 
 import hashlib
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
+from client.config import ClientConfig
 from common import errors
+from common.labels import MatchMode
 from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2_grpc,
                          family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
 
-CHUNK_BYTES = 1024 * 1024
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-DEFAULT_TIMEOUT = 60.0
-UPLOAD_TIMEOUT = 600.0
+CLIENT_VERSION = "privface/0.2"
 
 T = TypeVar("T")
+
+_MODE_TO_PROTO = {
+    MatchMode.ALL: photos_pb2.MATCH_MODE_ALL,
+    MatchMode.ANY: photos_pb2.MATCH_MODE_ANY,
+    MatchMode.RANKED: photos_pb2.MATCH_MODE_RANKED,
+}
 
 
 class ServerUnavailableError(errors.PrivfaceError):
@@ -34,8 +40,9 @@ _ERROR_OF = {
     grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
     grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
     grpc.StatusCode.UNAUTHENTICATED: errors.AuthenticationError,
-    grpc.StatusCode.PERMISSION_DENIED: errors.AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LimitExceededError,
+    grpc.StatusCode.ABORTED: errors.VersionConflictError,
 }
 
 
@@ -61,9 +68,9 @@ def translate(exc: grpc.RpcError, address: str) -> errors.PrivfaceError:
     return RemoteError(code, details)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Credentials:
-    """A family's id and access token."""
+    """A family's id and this device's access token."""
 
     family_id: str
     access_token: str
@@ -77,13 +84,16 @@ class PrivfaceClient:
     """One channel to a server. Use as a context manager or call close()."""
 
     def __init__(self, address: str, credentials: Credentials | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 config: ClientConfig | None = None) -> None:
         self.address = address
         self.credentials = credentials
-        self.timeout = timeout
+        self.config = config or ClientConfig()
+        self.timeout = self.config.timeout
+        self._upload_timeout = self.config.upload_timeout
+        self._chunk = self.config.chunk_bytes
         self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes)])
         self.family = family_pb2_grpc.FamilyServiceStub(self.channel)
         self.photos = photos_pb2_grpc.PhotoServiceStub(self.channel)
         self.faces = faces_pb2_grpc.FaceServiceStub(self.channel)
@@ -128,36 +138,83 @@ class PrivfaceClient:
 
     # -- family --------------------------------------------------------------------------
 
-    def register_family(self, label_key_fingerprint: bytes, label_dim: int) -> Credentials:
+    def register_family(self, label_key_fingerprint: bytes, label_dim: int,
+                        device_id: str = "", sealed_device_name: bytes = b"") -> Credentials:
         """Creates a family on the server; returns (and adopts) its credentials."""
         response = self.call(self.family.RegisterFamily, family_pb2.RegisterFamilyRequest(
-            client_version="privface-cli/0.1", label_key_fingerprint=label_key_fingerprint,
-            label_ciphertext_dim=label_dim), auth=False)
+            client_version=CLIENT_VERSION, label_key_fingerprint=label_key_fingerprint,
+            label_ciphertext_dim=label_dim, device_id=device_id,
+            sealed_device_name=sealed_device_name), auth=False)
         self.credentials = Credentials(response.family_id, response.access_token)
         return self.credentials
 
-    def get_family(self) -> family_pb2.GetFamilyResponse:
-        """Counts the server holds for this family."""
-        return self.call(self.family.GetFamily, family_pb2.GetFamilyRequest())
+    def join_family(self, family_id: str, invite_token: str, device_id: str,
+                    sealed_device_name: bytes) -> Credentials:
+        """Registers this phone with a one-time invitation; returns (and adopts) its
+        credentials."""
+        response = self.call(self.family.JoinFamily, family_pb2.JoinFamilyRequest(
+            family_id=family_id, invite_token=invite_token, device_id=device_id,
+            sealed_device_name=sealed_device_name), auth=False)
+        self.credentials = Credentials(family_id, response.access_token)
+        return self.credentials
 
-    def upload_public_context(self, data: bytes) -> family_pb2.UploadPublicContextResponse:
-        """Uploads the public CKKS context in chunks."""
+    def create_device_invite(self, ttl_seconds: int = 0) -> tuple[str, float]:
+        """A one-time invitation token for another phone and when it expires."""
+        response = self.call(self.family.CreateDeviceInvite,
+                             family_pb2.CreateDeviceInviteRequest(ttl_seconds=ttl_seconds))
+        return response.invite_token, response.expires_at
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """The family's devices, oldest first (names still sealed)."""
+        response = self.call(self.family.ListDevices, family_pb2.ListDevicesRequest())
+        return [DeviceRecord(d.device_id, d.sealed_name, d.created_at, d.last_seen_at,
+                             d.revoked) for d in response.devices]
+
+    def revoke_device(self, device_id: str) -> None:
+        """Revokes another device of the family."""
+        self.call(self.family.RevokeDevice, family_pb2.RevokeDeviceRequest(device_id=device_id))
+
+    def get_sealed_item(self, name: str) -> tuple[int, bytes]:
+        """(version, sealed bytes) of one family item; (0, b"") if never written."""
+        response = self.call(self.family.GetSealedItem,
+                             family_pb2.GetSealedItemRequest(name=name),
+                             timeout=self._upload_timeout)
+        return response.version, response.data
+
+    def put_sealed_item(self, name: str, expected_version: int, data: bytes) -> int:
+        """Writes one family item if still at ``expected_version``; returns the new version
+        (VersionConflictError if another phone wrote first)."""
+        return self.call(self.family.PutSealedItem, family_pb2.PutSealedItemRequest(
+            name=name, expected_version=expected_version, data=data),
+            timeout=self._upload_timeout).version
+
+    def get_family(self) -> FamilySummary:
+        """Counts the server holds for this family."""
+        r = self.call(self.family.GetFamily, family_pb2.GetFamilyRequest())
+        return FamilySummary(r.family_id, r.photo_count, r.gallery_entry_count,
+                             r.has_public_context, bytes(r.ckks_key_id), r.device_id)
+
+    def upload_public_context(self, data: bytes) -> tuple[int, int]:
+        """Uploads the public CKKS context in chunks; returns (bytes stored, rotation keys)."""
         digest = hashlib.sha256(data).digest()
 
         def requests() -> Iterator[family_pb2.UploadPublicContextRequest]:
-            for start in range(0, max(len(data), 1), CHUNK_BYTES):
-                last = start + CHUNK_BYTES >= len(data)
+            for start in range(0, max(len(data), 1), self._chunk):
+                last = start + self._chunk >= len(data)
                 yield family_pb2.UploadPublicContextRequest(
-                    total_size=len(data), chunk=data[start:start + CHUNK_BYTES],
+                    total_size=len(data), chunk=data[start:start + self._chunk],
                     sha256=digest if last else b"")
-        return self.call(self.family.UploadPublicContext, requests(), timeout=UPLOAD_TIMEOUT)
+        response = self.call(self.family.UploadPublicContext, requests(),
+                             timeout=self._upload_timeout)
+        return response.size, response.galois_key_count
 
     # -- photos --------------------------------------------------------------------------
 
     def backup_photo(self, photo_id: str, blob: bytes, encrypted_labels: bytes,
                      label_key_fingerprint: bytes, encrypted_thumbnail: bytes = b""
-                     ) -> photos_pb2.BackupPhotoResponse:
-        """Uploads one encrypted photo (header, then 1 MiB chunks)."""
+                     ) -> bool:
+        """Uploads one encrypted photo (header, then chunks); True if the server already
+        had it."""
         header = photos_pb2.PhotoHeader(
             photo_id=photo_id, blob_size=len(blob), blob_sha256=hashlib.sha256(blob).digest(),
             encrypted_labels=encrypted_labels, label_key_fingerprint=label_key_fingerprint,
@@ -165,19 +222,20 @@ class PrivfaceClient:
 
         def requests() -> Iterator[photos_pb2.BackupPhotoRequest]:
             yield photos_pb2.BackupPhotoRequest(header=header)
-            for start in range(0, len(blob), CHUNK_BYTES):
-                yield photos_pb2.BackupPhotoRequest(chunk=blob[start:start + CHUNK_BYTES])
-        return self.call(self.photos.BackupPhoto, requests(), timeout=UPLOAD_TIMEOUT)
+            for start in range(0, len(blob), self._chunk):
+                yield photos_pb2.BackupPhotoRequest(chunk=blob[start:start + self._chunk])
+        return self.call(self.photos.BackupPhoto, requests(),
+                         timeout=self._upload_timeout).already_stored
 
     def search_photos(self, encrypted_query: bytes, label_key_fingerprint: bytes,
-                      mode: int = photos_pb2.MATCH_MODE_ALL, top_n: int = 0
+                      mode: MatchMode = MatchMode.ALL, top_n: int = 0
                       ) -> tuple[list[str], float]:
         """All matching ids (pages joined) and the server's match time in ms."""
         ids: list[str] = []
         server_ms = 0.0
         for page in self.stream(self.photos.SearchPhotos, photos_pb2.SearchPhotosRequest(
                 encrypted_query=encrypted_query, label_key_fingerprint=label_key_fingerprint,
-                mode=mode, top_n=top_n)):
+                mode=_MODE_TO_PROTO[mode], top_n=top_n)):
             ids.extend(page.photo_ids)
             server_ms = max(server_ms, page.server_ms)
         return ids, server_ms
@@ -186,7 +244,7 @@ class PrivfaceClient:
         """Downloads one encrypted blob and checks its SHA-256."""
         parts, expected = [], b""
         for msg in self.stream(self.photos.FetchPhoto, photos_pb2.FetchPhotoRequest(
-                photo_id=photo_id, thumbnail_only=thumbnail_only), timeout=UPLOAD_TIMEOUT):
+                photo_id=photo_id, thumbnail_only=thumbnail_only), timeout=self._upload_timeout):
             if msg.blob_sha256:
                 expected = msg.blob_sha256
             parts.append(msg.chunk)
@@ -208,9 +266,10 @@ class PrivfaceClient:
 
     # -- faces ---------------------------------------------------------------------------
 
-    def gallery_layout(self) -> faces_pb2.GetGalleryLayoutResponse:
-        """The gallery's blocks and their position slots."""
-        return self.call(self.faces.GetGalleryLayout, faces_pb2.GetGalleryLayoutRequest())
+    def gallery_layout(self) -> dict[int, list[int]]:
+        """block -> slot of each position (-1 for a dead one)."""
+        response = self.call(self.faces.GetGalleryLayout, faces_pb2.GetGalleryLayoutRequest())
+        return {b.block: list(b.position_slots) for b in response.blocks}
 
     def add_gallery_entries(self, slot: int, block: int, first_position: int, count: int,
                             ciphertexts: list[bytes]) -> int:
@@ -218,29 +277,32 @@ class PrivfaceClient:
         return self.call(self.faces.AddGalleryEntries, faces_pb2.AddGalleryEntriesRequest(
             slot=slot, block=block, first_position=first_position, count=count,
             ciphertexts=faces_pb2.Ciphertexts(items=ciphertexts)),
-            timeout=UPLOAD_TIMEOUT).gallery_entry_count
+            timeout=self._upload_timeout).gallery_entry_count
 
     def remove_gallery_slot(self, slot: int) -> int:
         """Marks a member's gallery entries dead; returns how many."""
         return self.call(self.faces.RemoveGallerySlot,
                          faces_pb2.RemoveGallerySlotRequest(slot=slot)).removed
 
-    def match_faces(self, faces: list[list[bytes]]) -> list[faces_pb2.MatchFacesResponse]:
+    def match_faces(self, faces: list[list[bytes]]) -> list[BlockDistances]:
         """Encrypted distances of each face to each gallery block."""
         request = faces_pb2.MatchFacesRequest(faces=[faces_pb2.Ciphertexts(items=f)
                                                      for f in faces])
-        return list(self.stream(self.faces.MatchFaces, request, timeout=UPLOAD_TIMEOUT))
+        return [BlockDistances(r.face, r.block, r.distances, list(r.position_slots))
+                for r in self.stream(self.faces.MatchFaces, request,
+                                     timeout=self._upload_timeout)]
 
     # -- detectors -----------------------------------------------------------------------
 
     def publish_detector(self, header: detection_pb2.DetectorHeader, matrix: bytes,
                          vendor_token: str) -> detection_pb2.PublishDetectorResponse:
-        """Uploads an encrypted detector (header, then 1 MiB chunks) with the vendor token."""
+        """Uploads an encrypted detector (header, then chunks) with the vendor token."""
         def requests() -> Iterator[detection_pb2.PublishDetectorRequest]:
             yield detection_pb2.PublishDetectorRequest(header=header)
-            for start in range(0, len(matrix), CHUNK_BYTES):
-                yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + CHUNK_BYTES])
-        return self.call(self.detector.PublishDetector, requests(), timeout=UPLOAD_TIMEOUT,
+            for start in range(0, len(matrix), self._chunk):
+                yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + self._chunk])
+        return self.call(self.detector.PublishDetector, requests(),
+                         timeout=self._upload_timeout,
                          metadata=(("authorization", f"Bearer {vendor_token}"),))
 
     def list_detectors(self) -> list[detection_pb2.DetectorInfo]:
@@ -248,10 +310,11 @@ class PrivfaceClient:
         return list(self.call(self.detector.ListDetectors, detection_pb2.ListDetectorsRequest(),
                               auth=False).detectors)
 
-    def gallery_block(self, block: int) -> faces_pb2.GetGalleryBlockResponse:
-        """One block's ciphertexts and position slots."""
-        return self.call(self.faces.GetGalleryBlock,
-                         faces_pb2.GetGalleryBlockRequest(block=block), timeout=UPLOAD_TIMEOUT)
+    def gallery_block(self, block: int) -> tuple[list[bytes], list[int]]:
+        """One block's ciphertexts and the slot of each position."""
+        r = self.call(self.faces.GetGalleryBlock, faces_pb2.GetGalleryBlockRequest(block=block),
+                      timeout=self._upload_timeout)
+        return list(r.ciphertexts.items), list(r.position_slots)
 
     def replace_gallery(self, expected_positions: int,
                         blocks: list[tuple[list[bytes], list[int]]]) -> int:
@@ -263,4 +326,96 @@ class PrivfaceClient:
                 yield faces_pb2.ReplaceGalleryRequest(block=faces_pb2.ReplacementBlock(
                     ciphertexts=faces_pb2.Ciphertexts(items=cts), slots=slots))
         return self.call(self.faces.ReplaceGallery, requests(),
-                         timeout=UPLOAD_TIMEOUT).gallery_entry_count
+                         timeout=self._upload_timeout).gallery_entry_count
+
+    def open_detection(self, detector_id: str, key_version: int, key_fingerprint: bytes
+                       ) -> DetectionStream:
+        """Opens one bidirectional DetectFaces call for a photo's encrypted windows."""
+        return DetectionStream(self, detection_pb2.DetectionSession(
+            detector_id=detector_id, key_version=key_version, key_fingerprint=key_fingerprint))
+
+
+@dataclass(frozen=True)
+class FamilySummary:
+    """What the server holds for a family (counts and public ids only)."""
+
+    family_id: str
+    photo_count: int
+    gallery_entry_count: int
+    has_public_context: bool
+    ckks_key_id: bytes
+    device_id: str
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device of the family as the server knows it (its name sealed)."""
+
+    device_id: str
+    sealed_name: bytes
+    created_at: float
+    last_seen_at: float
+    revoked: bool
+
+
+@dataclass(frozen=True)
+class BlockDistances:
+    """The encrypted distances of one query face to one gallery block."""
+
+    face: int
+    block: int
+    ciphertext: bytes
+    position_slots: list[int]
+
+
+@dataclass(frozen=True)
+class WindowOutcomes:
+    """The server's answer to one batch of encrypted windows."""
+
+    outcomes: bytes  # one common.secure_cascade.Outcome byte per window
+    server_ms: float
+    request_bytes: int
+
+
+class DetectionStream:
+    """One DetectFaces call driven synchronously: send a batch, read its outcomes."""
+
+    def __init__(self, client: PrivfaceClient, session: detection_pb2.DetectionSession
+                 ) -> None:
+        self._address = client.address
+        self._requests: queue.Queue[detection_pb2.DetectFacesRequest | None] = queue.Queue()
+        self._requests.put(detection_pb2.DetectFacesRequest(session=session))
+        self._responses = client.detector.DetectFaces(
+            iter(self._requests.get, None), timeout=client.config.detect_timeout,
+            metadata=client.metadata())
+        self._next_id = 0
+
+    def run(self, windows: bytes, count: int, encoding: int, first_stage: int,
+            prefix: bool) -> WindowOutcomes:
+        """Sends ``count`` encrypted windows and waits for their outcomes."""
+        batch = detection_pb2.WindowBatch(
+            batch_id=self._next_id, count=count, windows=windows, encoding=encoding,
+            first_stage=first_stage,
+            kind=detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL)
+        self._next_id += 1
+        request = detection_pb2.DetectFacesRequest(batch=batch)
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as exc:
+            raise translate(exc, self._address) from None
+        except StopIteration:
+            raise errors.MalformedInputError("the server ended detection early") from None
+        if response.batch_id != batch.batch_id or response.count != count:
+            raise errors.MalformedInputError("the server answered another batch")
+        return WindowOutcomes(response.outcomes, response.server_ms, request.ByteSize())
+
+    def close(self) -> None:
+        """Ends the request stream and drains the call. A failed call's error was already
+        raised (translated) by run(); it is not raised again here."""
+        self._requests.put(None)
+        try:
+            for _ in self._responses:
+                pass
+        except grpc.RpcError:
+            pass

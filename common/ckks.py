@@ -338,6 +338,11 @@ def _parse_ctx_header(data: bytes) -> tuple[int, int, int, bytes]:
     return kind, log2k, scale_bits, key_id
 
 
+def context_key_id(data: bytes) -> bytes:
+    """The key id in a serialised (secret or public) context's header, without loading it."""
+    return _parse_ctx_header(data)[3]
+
+
 def secret_context_bytes(secret: SecretContext) -> bytes:
     """Serialise the phone's secret context (for the passphrase-protected family bundle)."""
     if not isinstance(secret, SecretContext):

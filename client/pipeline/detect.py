@@ -21,25 +21,20 @@ Two modes (docs/detection.md has the measurements and what the server learns in 
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import cv2
-import grpc
 import numpy as np
 
 from client.pipeline.windows import ScanParams, WindowBatch, apply_skip_rule, group_boxes, \
     scan_windows
-from client.rpc import PrivfaceClient, translate
+from client.rpc import DetectionStream, PrivfaceClient
 from common import secure_cascade as sc
-from common.errors import MalformedInputError
-from privface.v1 import detection_pb2
 
 log = logging.getLogger(__name__)
 
-DETECT_TIMEOUT = 1800.0
 MAX_BATCH_BYTES = 8 * 1024 * 1024  # well under the server's 32 MiB message limit
 MAX_BATCH_WINDOWS = 16_384
 
@@ -94,49 +89,6 @@ def working_image(gray: np.ndarray, long_side: int | None) -> tuple[np.ndarray, 
     return cv2.resize(gray, size, interpolation=cv2.INTER_AREA), scale
 
 
-class _Stream:
-    """One DetectFaces call driven synchronously: send a batch, read its outcomes."""
-
-    def __init__(self, client: PrivfaceClient, key: sc.ProductKey) -> None:
-        self._client = client
-        self._requests: queue.Queue = queue.Queue()
-        self._requests.put(detection_pb2.DetectFacesRequest(
-            session=detection_pb2.DetectionSession(detector_id=key.detector_id,
-                                                   key_version=key.version,
-                                                   key_fingerprint=key.fingerprint())))
-        self._responses = client.detector.DetectFaces(iter(self._requests.get, None),
-                                                      timeout=DETECT_TIMEOUT,
-                                                      metadata=client.metadata())
-        self._next_id = 0
-
-    def run(self, batch: detection_pb2.WindowBatch, report: DetectionReport) -> np.ndarray:
-        batch.batch_id = self._next_id
-        self._next_id += 1
-        request = detection_pb2.DetectFacesRequest(batch=batch)
-        report.bytes_uploaded += request.ByteSize()
-        report.windows_sent += batch.count
-        report.batches += 1
-        self._requests.put(request)
-        try:
-            response = next(self._responses)
-        except grpc.RpcError as exc:
-            raise translate(exc, self._client.address) from None
-        report.server_ms += response.server_ms
-        if response.batch_id != batch.batch_id or response.count != batch.count:
-            raise MalformedInputError("the server answered another batch")
-        return np.frombuffer(response.outcomes, dtype=np.uint8)
-
-    def close(self) -> None:
-        """Ends the request stream and drains the call. A failed call's error was already
-        raised (translated) by run(); it is not raised again here."""
-        self._requests.put(None)
-        try:
-            for _ in self._responses:
-                pass
-        except grpc.RpcError:
-            pass
-
-
 class SecureDetector:
     """Runs the vendor's encrypted detector on the server over this phone's photos."""
 
@@ -155,7 +107,8 @@ class SecureDetector:
         gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         work, scale = working_image(gray, self.mode.working_long_side)
         report = DetectionReport(boxes=[], scale=scale)
-        stream = _Stream(self.client, self.key)
+        stream = self.client.open_detection(self.key.detector_id, self.key.version,
+                                            self.key.fingerprint())
         rects = []
         try:
             for windows in self._window_sets(work):
@@ -184,7 +137,7 @@ class SecureDetector:
 
     # -- one set of windows -------------------------------------------------------------
 
-    def _send(self, stream: _Stream, windows: _WindowSet, idx: np.ndarray,
+    def _send(self, stream: DetectionStream, windows: _WindowSet, idx: np.ndarray,
               report: DetectionReport, *, prefix: bool, encoding: sc.Encoding,
               first_stage: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Outcomes for windows ``idx`` (shuffled on the wire if the mode says), and a mask
@@ -197,16 +150,18 @@ class SecureDetector:
         dim = (self.key.prefix_key if prefix else self.key.key).cipher_dim
         per_message = min(MAX_BATCH_WINDOWS, max(1, MAX_BATCH_BYTES // (
             dim * np.dtype(sc.DTYPES[encoding]).itemsize)))
-        kind = detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL
         for i in range(0, idx.size, per_message):  # every message stays small
             part = order[i:i + per_message]
             chosen = idx[part]
             data = sc.encrypt_windows(self.key, windows.pixels[chosen],
                                       windows.norm_factors[chosen], encoding, prefix=prefix,
                                       rng=self.rng)
-            result[part] = stream.run(detection_pb2.WindowBatch(
-                count=chosen.size, windows=data, encoding=int(encoding),
-                first_stage=first_stage, kind=kind), report)
+            answer = stream.run(data, chosen.size, int(encoding), first_stage, prefix)
+            report.bytes_uploaded += answer.request_bytes
+            report.windows_sent += chosen.size
+            report.batches += 1
+            report.server_ms += answer.server_ms
+            result[part] = np.frombuffer(answer.outcomes, dtype=np.uint8)
             if self.progress is not None:
                 self.progress(chosen.size)
         uncertain = np.flatnonzero(result == sc.Outcome.UNCERTAIN)
@@ -219,7 +174,7 @@ class SecureDetector:
             resent[uncertain] = True
         return result, resent
 
-    def _faces(self, stream: _Stream, windows: _WindowSet, report: DetectionReport
+    def _faces(self, stream: DetectionStream, windows: _WindowSet, report: DetectionReport
                ) -> np.ndarray:
         """Indices of the windows that OpenCV would report as candidates."""
         low = windows.low_contrast

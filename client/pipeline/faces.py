@@ -14,8 +14,10 @@ import numpy as np
 
 from client.keystore import FamilyBundle
 from client.rpc import PrivfaceClient
-from common import ckks
-from common.errors import MalformedInputError, PreconditionError
+from common import ckks, sealed
+from common.errors import PreconditionError, VersionConflictError
+
+CKKS_ITEM = "ckks-secret"
 
 log = logging.getLogger(__name__)
 
@@ -30,43 +32,80 @@ class FaceMatch:
 
 
 def secret_context(bundle: FamilyBundle) -> ckks.SecretContext:
-    """The family's CKKS secret context (PreconditionError-like if never created)."""
+    """The family's CKKS secret context (PreconditionError if never created)."""
     if bundle.ckks_secret is None:
-        raise MalformedInputError("the family has no CKKS key yet: enroll a member first")
+        raise PreconditionError("the family has no face gallery yet: enroll a member first "
+                                "(privface enroll NAME PHOTO...)")
     return ckks.load_secret_context(bundle.ckks_secret)
 
 
-def ensure_ckks_keys(client: PrivfaceClient, bundle: FamilyBundle) -> bool:
-    """Creates the CKKS key and uploads its public part once. True if it did (save bundle)."""
-    if bundle.ckks_secret is not None and client.get_family().has_public_context:
-        return False
-    if bundle.ckks_secret is None:
-        bundle.ckks_secret = ckks.secret_context_bytes(ckks.create_secret_context())
-    public = ckks.public_context_bytes(ckks.load_secret_context(bundle.ckks_secret))
-    reply = client.upload_public_context(public)
-    log.info("uploaded the public CKKS context: %d bytes, %d rotation keys", reply.size,
-             reply.galois_key_count)
-    return True
+def ensure_ckks_keys(client: PrivfaceClient, bundle: FamilyBundle) -> str | None:
+    """Makes sure this phone holds the family's one CKKS key and the server its public part.
+
+    The first phone to need it creates the key and shares the secret as a sealed item
+    (compare-and-set decides between racing phones); every other phone adopts that one, so
+    no phone ever replaces the family's keys under a live gallery. Returns "created" or
+    "adopted" when the bundle changed (save it), None when all was in place."""
+    summary = client.get_family()
+    local_id = ckks.context_key_id(bundle.ckks_secret) if bundle.ckks_secret else b""
+    if local_id and summary.has_public_context and local_id == summary.ckks_key_id:
+        share_ckks_secret(client, bundle)  # families whose gallery predates sealed items
+        return None
+    for _ in range(3):
+        version, blob = client.get_sealed_item(CKKS_ITEM)
+        if version:  # the family's key exists: use it
+            bundle.ckks_secret = sealed.unseal(bundle.master_key, bundle.family_id, CKKS_ITEM,
+                                               version, blob)
+            if ckks.context_key_id(bundle.ckks_secret) != summary.ckks_key_id:
+                _upload_public(client, bundle.ckks_secret)  # its first phone stopped midway
+            return "adopted" if ckks.context_key_id(bundle.ckks_secret) != local_id else None
+        if summary.has_public_context and summary.gallery_entry_count:
+            raise PreconditionError(
+                "the family's face keys are on another phone that has not shared them yet: "
+                "run `privface people` there once (privface 0.2 or later), then retry")
+        if bundle.ckks_secret is None or summary.has_public_context:
+            bundle.ckks_secret = ckks.secret_context_bytes(ckks.create_secret_context())
+        try:
+            client.put_sealed_item(CKKS_ITEM, 0, sealed.seal(
+                bundle.master_key, bundle.family_id, CKKS_ITEM, 1, bundle.ckks_secret))
+        except VersionConflictError:
+            continue  # another phone shared its key first: adopt that one
+        _upload_public(client, bundle.ckks_secret)
+        return "created"
+    raise VersionConflictError("could not agree on the family's CKKS key: try again")
 
 
-def enroll(client: PrivfaceClient, bundle: FamilyBundle, name: str,
-           embeddings: np.ndarray) -> int:
-    """Adds a member's face embeddings to the encrypted gallery; returns the gallery size.
+def _upload_public(client: PrivfaceClient, secret_bytes: bytes) -> None:
+    public = ckks.public_context_bytes(ckks.load_secret_context(secret_bytes))
+    size, galois = client.upload_public_context(public)
+    log.info("uploaded the public CKKS context: %d bytes, %d rotation keys", size, galois)
 
-    The member gets an opaque slot in the roster (the caller saves the bundle).
-    """
+
+def share_ckks_secret(client: PrivfaceClient, bundle: FamilyBundle) -> None:
+    """Shares this phone's CKKS secret as the family's if none is shared yet (families
+    whose gallery predates sealed items)."""
+    if bundle.ckks_secret is None or client.get_sealed_item(CKKS_ITEM)[0]:
+        return
+    try:
+        client.put_sealed_item(CKKS_ITEM, 0, sealed.seal(
+            bundle.master_key, bundle.family_id, CKKS_ITEM, 1, bundle.ckks_secret))
+    except VersionConflictError:
+        pass  # shared meanwhile by another phone
+
+
+def add_faces(client: PrivfaceClient, bundle: FamilyBundle, slot: int,
+              embeddings: np.ndarray) -> int:
+    """Adds face embeddings of the member in ``slot`` to the encrypted gallery; returns the
+    gallery's size."""
     embeddings = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
-    if not 1 <= len(embeddings) <= 20:
-        raise MalformedInputError("enroll a member with 1 to 20 face photos")
-    slot = bundle.add_member(name)
     secret = secret_context(bundle)
     lay = secret.layout
     layout = client.gallery_layout()
-    blocks = sorted(layout.blocks, key=lambda b: b.block)
-    if blocks and len(blocks[-1].position_slots) < lay.entries_per_block:
-        block, used = blocks[-1].block, len(blocks[-1].position_slots)
+    last = max(layout) if layout else -1
+    if layout and len(layout[last]) < lay.entries_per_block:
+        block, used = last, len(layout[last])
     else:
-        block, used = len(blocks), 0
+        block, used = last + 1, 0
     total = 0
     remaining = embeddings
     while len(remaining):
@@ -89,8 +128,8 @@ def identify(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarra
     queries = [ckks.encrypt_query(secret, e) for e in embeddings]
     per_face: list[dict[int, tuple[np.ndarray, Sequence[int]]]] = [{} for _ in embeddings]
     for reply in client.match_faces(queries):
-        slots = list(reply.position_slots)
-        dist = ckks.decrypt_distances(secret, reply.distances, len(slots))
+        slots = reply.position_slots
+        dist = ckks.decrypt_distances(secret, reply.ciphertext, len(slots))
         per_face[reply.face][reply.block] = (dist, slots)
     matches = []
     for blocks in per_face:
@@ -112,8 +151,8 @@ def gallery_counts(client: PrivfaceClient) -> dict[int, int]:
         layout = client.gallery_layout()
     except PreconditionError:  # no public context uploaded yet: nothing enrolled
         return counts
-    for block in layout.blocks:
-        for slot in block.position_slots:
+    for slots in layout.values():
+        for slot in slots:
             if slot >= 0:
                 counts[slot] = counts.get(slot, 0) + 1
     return counts
@@ -125,14 +164,14 @@ def compact(client: PrivfaceClient, bundle: FamilyBundle) -> tuple[int, int]:
     here; the server only swaps ciphertexts. Returns (positions before, entries after)."""
     secret = secret_context(bundle)
     layout = client.gallery_layout()
-    positions = sum(len(b.position_slots) for b in layout.blocks)
+    positions = sum(len(s) for s in layout.values())
     live, slots = [], []
-    for block in sorted(layout.blocks, key=lambda b: b.block):
-        if all(s < 0 for s in block.position_slots):
+    for block in sorted(layout):
+        if all(s < 0 for s in layout[block]):
             continue  # nothing alive: no need to download it
-        reply = client.gallery_block(block.block)
-        entries = ckks.decrypt_entries(secret, list(reply.ciphertexts.items))
-        for pos, slot in enumerate(reply.position_slots):
+        ciphertexts, position_slots = client.gallery_block(block)
+        entries = ckks.decrypt_entries(secret, ciphertexts)
+        for pos, slot in enumerate(position_slots):
             if slot >= 0:
                 live.append(entries[pos])
                 slots.append(slot)

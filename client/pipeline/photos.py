@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -20,16 +21,10 @@ from client.keystore import FamilyBundle
 from client.rpc import PrivfaceClient
 from common import aspe, labels, photo_crypto
 from common.errors import AlreadyExistsError, MalformedInputError
-from privface.v1 import photos_pb2
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_MAX_SIDE = 160
-MODE_TO_PROTO = {
-    labels.MatchMode.ALL: photos_pb2.MATCH_MODE_ALL,
-    labels.MatchMode.ANY: photos_pb2.MATCH_MODE_ANY,
-    labels.MatchMode.RANKED: photos_pb2.MATCH_MODE_RANKED,
-}
 
 
 @dataclass(frozen=True)
@@ -38,6 +33,9 @@ class BackupReceipt:
 
     photo_id: str
     already_stored: bool
+    bytes_sent: int = 0
+    thumbnail: bytes = b""  # the JPEG preview (plaintext, for the phone's own display)
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 def photo_id_for(bundle: FamilyBundle, data: bytes) -> str:
@@ -78,18 +76,24 @@ def encrypt_query(bundle: FamilyBundle, slots: Iterable[int], mode: labels.Match
 def backup_photo(client: PrivfaceClient, bundle: FamilyBundle, data: bytes,
                  slots: Iterable[int]) -> BackupReceipt:
     """Encrypts and uploads one photo labelled with the members in ``slots``."""
+    start = time.perf_counter()
     thumbnail = make_thumbnail(data)
     photo_id = photo_id_for(bundle, data)
     blob = photo_crypto.encrypt_photo(bundle.master_key, bundle.family_id, photo_id, data)
     thumb_blob = photo_crypto.encrypt_photo(bundle.master_key, bundle.family_id, photo_id,
                                             thumbnail, kind="thumbnail")
     encrypted = encrypt_labels(bundle, slots)
+    sent = len(blob) + len(thumb_blob) + len(encrypted)
+    encrypted_at = time.perf_counter()
     try:
-        response = client.backup_photo(photo_id, blob, encrypted,
-                                       bundle.label_key.fingerprint(), thumb_blob)
+        already = client.backup_photo(photo_id, blob, encrypted,
+                                      bundle.label_key.fingerprint(), thumb_blob)
     except AlreadyExistsError:  # same content, backed up before (other randomness)
-        return BackupReceipt(photo_id, True)
-    return BackupReceipt(photo_id, response.already_stored)
+        already = True
+    done = time.perf_counter()
+    return BackupReceipt(photo_id, already, sent, thumbnail,
+                         {"encryption": (encrypted_at - start) * 1000,
+                          "upload": (done - encrypted_at) * 1000})
 
 
 def search_photos(client: PrivfaceClient, bundle: FamilyBundle, slots: Iterable[int],
@@ -97,8 +101,7 @@ def search_photos(client: PrivfaceClient, bundle: FamilyBundle, slots: Iterable[
                   ) -> tuple[list[str], float]:
     """Photo ids showing the members in ``slots`` (per ``mode``), and server match ms."""
     query = encrypt_query(bundle, slots, mode)
-    return client.search_photos(query, bundle.label_key.fingerprint(), MODE_TO_PROTO[mode],
-                                top_n)
+    return client.search_photos(query, bundle.label_key.fingerprint(), mode, top_n)
 
 
 def fetch_photo(client: PrivfaceClient, bundle: FamilyBundle, photo_id: str,

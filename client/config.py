@@ -1,0 +1,51 @@
+"""Client settings: one frozen object, read once from explicit values, PRIVFACE_* environment
+variables and defaults (in that order), as ServerConfig is on the server."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+DEFAULT_SERVER = "127.0.0.1:50051"
+DEFAULT_BUNDLE = Path.home() / ".privface" / "family.bundle"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where the server is and how the phone talks to it."""
+
+    server: str = ""  # empty: the address stored in the family bundle, else DEFAULT_SERVER
+    bundle: Path = DEFAULT_BUNDLE
+    timeout: float = 60.0  # seconds for short calls
+    upload_timeout: float = 600.0  # seconds for a photo, a gallery or a key upload
+    detect_timeout: float = 1800.0  # seconds for one photo's secure detection
+    max_message_bytes: int = 64 * MIB  # above the server's 32 MiB so its limit decides
+    chunk_bytes: int = 1 * MIB
+    detection_mode: str = "default"  # "default" or "faithful" (see pipeline/detect.py)
+
+    def server_or(self, fallback: str) -> str:
+        """The configured server, else ``fallback`` (the bundle's), else the default."""
+        return self.server or fallback or DEFAULT_SERVER
+
+    @classmethod
+    def load(cls, **overrides: Any) -> "ClientConfig":
+        """Defaults, overridden by PRIVFACE_<FIELD> variables, overridden by the non-None
+        keyword arguments (flags)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"PRIVFACE_{f.name.upper()}")
+            if raw:
+                values[f.name] = _convert(f.default, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values)
+
+
+def _convert(default: object, raw: str) -> object:
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes")
+    return type(default)(raw)
