@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from client.pipeline import recognize as R
+from common.errors import NotFoundError
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LFW = DATA / "lfw" / "images"
@@ -57,7 +58,7 @@ def test_no_face_raises():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError):
+    with pytest.raises(NotFoundError, match="no such photo"):
         R.load_rgb(DATA / "does-not-exist.jpg")
     with pytest.raises(ValueError):
         R.face_embeddings(np.zeros((10, 10), dtype=np.uint8))
@@ -65,3 +66,33 @@ def test_bad_inputs():
         R.face_embeddings(np.zeros((10, 10, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         R.face_embeddings(np.zeros((50, 50, 3), dtype=np.uint8), [(40, 10, 10, 40)])
+
+
+def test_load_rgb_turns_photos_upright_by_exif(tmp_path: Path):
+    from PIL import Image
+    upright = DATA / "photos" / "people" / "obama" / "obama.jpg"
+    if not upright.is_file():
+        pytest.skip(f"{upright} absent")
+    with Image.open(upright) as im:
+        sideways = im.convert("RGB").rotate(90, expand=True)  # as a phone stores a portrait
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+        sideways.save(tmp_path / "sideways.jpg", exif=exif.tobytes(), quality=95)
+        width, height = im.size
+    rgb = R.load_rgb(tmp_path / "sideways.jpg")
+    assert rgb.shape[:2] == (height, width)
+    assert len(R.detect_faces(rgb)) == 1
+
+
+def test_enrollment_face_uses_the_largest_and_says_so():
+    group = DATA / "photos" / "group_face_recognition_examples" / "obama_and_biden.jpg"
+    if not group.is_file():
+        pytest.skip(f"{group} absent")
+    rgb = R.load_rgb(group)
+    face = R.enrollment_face(rgb)
+    boxes = R.detect_faces(rgb)
+    assert face.faces_found == len(boxes) >= 2
+    assert face.box == max(boxes, key=lambda b: (b[2] - b[0]) * (b[1] - b[3]))
+    assert "used the largest" in face.note and face.embedding.shape == (128,)
+    with pytest.raises(R.NoFaceError):
+        R.enrollment_face(np.full((120, 160, 3), 128, np.uint8))
