@@ -53,7 +53,8 @@ def _random_well_conditioned(n: int, max_condition: float, rng: np.random.Genera
     # Pin the extremes so the bound is reached but never exceeded.
     if n >= 2:
         singular[0], singular[1] = np.exp(half), np.exp(-half)
-    return (u * singular) @ v.T
+    matrix: np.ndarray = (u * singular) @ v.T
+    return matrix
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,7 +100,7 @@ class AspeKey:
                 + np.packbits(self.split).tobytes())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "AspeKey":
+    def from_bytes(cls, data: bytes) -> AspeKey:
         """Parses :meth:`to_bytes` output; raises MalformedInputError on any inconsistency."""
         if len(data) < _HEADER.size:
             raise MalformedInputError("ASPE key is truncated")
@@ -119,7 +120,7 @@ class AspeKey:
 
     @classmethod
     def _build(cls, version: int, data_dim: int, noise_dim: int, max_condition: float,
-               m1: np.ndarray, m2: np.ndarray, split: np.ndarray) -> "AspeKey":
+               m1: np.ndarray, m2: np.ndarray, split: np.ndarray) -> AspeKey:
         return cls(version=version, data_dim=data_dim, noise_dim=noise_dim,
                    max_condition=max_condition, m1=m1, m2=m2, split=split,
                    m1_inv=np.linalg.inv(m1), m2_inv=np.linalg.inv(m2))
@@ -208,4 +209,5 @@ def evaluate(stored: np.ndarray, queries: np.ndarray) -> np.ndarray:
         raise KeyMismatchError(
             f"ciphertext dimensions differ ({stored.shape[-1]} vs {queries.shape[-1]}): "
             "they were made with different keys")
-    return np.atleast_2d(queries) @ np.atleast_2d(stored).T
+    products: np.ndarray = np.atleast_2d(queries) @ np.atleast_2d(stored).T
+    return products

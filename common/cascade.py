@@ -125,7 +125,7 @@ class Cascade:
 
 def default_cascade_path() -> str:
     """Path of OpenCV's bundled ``haarcascade_frontalface_alt.xml``."""
-    import cv2  # local import: common must not need OpenCV just to parse a file
+    import cv2.data  # local import: common must not need OpenCV just to parse a file
 
     return str(Path(cv2.data.haarcascades) / DEFAULT_CASCADE)
 
@@ -259,7 +259,7 @@ def load_cascade(path: str | Path | None = None) -> Cascade:
         rect_lists.append(tuple(rects))
 
     n_weak = len(feature_idx)
-    weights = np.zeros((n_weak, win_h, win_w), dtype=np.float64)
+    weights: np.ndarray = np.zeros((n_weak, win_h, win_w), dtype=np.float64)
     feature_rects = []
     for i, fidx in enumerate(feature_idx):
         if not 0 <= fidx < len(rect_lists):
@@ -302,13 +302,16 @@ def _operand(cascade: Cascade, pixels: np.ndarray) -> np.ndarray:
 
 
 def _products(cascade: Cascade, operand: np.ndarray, weak: slice | np.ndarray) -> np.ndarray:
-    if operand.dtype == np.float32:  # only made by _operand from uint8 pixels
+    weights_f32 = cascade.weights_f32
+    # float32 operands are only made by _operand, from uint8 pixels, when weights_f32 exists.
+    if operand.dtype == np.float32 and weights_f32 is not None:
         # einsum, not BLAS: these products are skinny and many, and a threaded BLAS
         # spends more time waking threads than computing (18x slower on a busy 2-core
         # machine). Sums of integers below 2**24 are exact in any order.
-        prod = np.einsum("ij,kj->ik", operand, cascade.weights_f32[weak], optimize=False)
+        prod: np.ndarray = np.einsum("ij,kj->ik", operand, weights_f32[weak], optimize=False)
         return prod.astype(np.float64)
-    return operand @ cascade.weights[weak].T
+    products: np.ndarray = operand @ cascade.weights[weak].T
+    return products
 
 
 def feature_values(cascade: Cascade, pixels: np.ndarray, weak: slice | np.ndarray) -> np.ndarray:
@@ -364,7 +367,8 @@ def _decide(
     """
     s = _products(cascade, operand, weak)
     v = inv_norm_factors(norm_factors)[:, None]
-    return s * v < cascade.thresholds[weak][None, :]
+    decisions: np.ndarray = s * v < cascade.thresholds[weak][None, :]
+    return decisions
 
 
 def stage_scores(
@@ -431,7 +435,8 @@ def evaluate_windows(cascade: Cascade, pixels: np.ndarray, norm_factors: np.ndar
     give OpenCV's ``v``. Low-contrast windows must be filtered out by the caller (OpenCV
     never evaluates them). Batch large inputs: memory is ``n x 400`` float32.
     """
-    return rejection_stages(cascade, pixels, norm_factors) == cascade.n_stages
+    passed: np.ndarray = rejection_stages(cascade, pixels, norm_factors) == cascade.n_stages
+    return passed
 
 
 def opencv_weak_decisions(

@@ -47,10 +47,12 @@ import math
 import os
 import struct
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import tenseal as ts
 from tenseal import sealapi
 
@@ -114,6 +116,10 @@ _CTX_SECRET = ord("S")
 _CTX_PUBLIC = ord("P")
 _CTX_HEADER = struct.Struct(">6sBBBB8s")  # magic, version, kind, log2 k, scale bits, key id
 
+# tenseal ships no type information: its SEAL handles (contexts, encoders, keys,
+# ciphertexts) are typed as this.
+SealObject = Any
+
 
 def check_security(poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int]) -> int:
     """Return the total modulus bit count; raise ValueError if not 128-bit secure."""
@@ -140,10 +146,10 @@ def check_security(poly_modulus_degree: int, coeff_mod_bit_sizes: Sequence[int])
 @dataclass(frozen=True)
 class CKKSParams:
     poly_modulus_degree: int = 4096
-    coeff_mod_bit_sizes: tuple = (60, 49)
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 49)
     scale_bits: int = 27
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
         data_bits = list(self.coeff_mod_bit_sizes[:-1])
         if self.rescale:
@@ -183,7 +189,7 @@ class GalleryLayout:
     k: int = DEFAULT_K
     slots: int = DEFAULT_PARAMS.slots
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.k < 1 or self.k > DIM or DIM % self.k or self.k & (self.k - 1):
             raise ValueError(f"k must be a power of two dividing {DIM}, got {self.k}")
         if self.slots < self.k or self.slots & (self.slots - 1):
@@ -224,19 +230,21 @@ class _Base:
     layout: GalleryLayout
     key_id: bytes
     scale_bits: int
-    _seal: object = field(init=False, repr=False)
-    _encoder: object = field(init=False, repr=False)
-    _evaluator: object = field(init=False, repr=False)
-    _first_parms_id: object = field(init=False, repr=False)
+    _seal: SealObject = field(init=False, repr=False)
+    _encoder: SealObject = field(init=False, repr=False)
+    _evaluator: SealObject = field(init=False, repr=False)
+    _first_parms_id: SealObject = field(init=False, repr=False)
     _rescale: bool = field(init=False, repr=False)
+    poly_modulus_degree: int = field(init=False, repr=False)
+    coeff_mod_bit_sizes: tuple[int, ...] = field(init=False, repr=False)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._seal = self.context.seal_context().data
         self._encoder = sealapi.CKKSEncoder(self._seal)
         self._evaluator = sealapi.Evaluator(self._seal)
         self._first_parms_id = self._seal.first_parms_id()
         parms = self._seal.key_context_data().parms()
-        self.poly_modulus_degree = parms.poly_modulus_degree()
+        self.poly_modulus_degree = int(parms.poly_modulus_degree())
         self.coeff_mod_bit_sizes = tuple(m.bit_count() for m in parms.coeff_modulus())
         check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
         self._rescale = len(self.coeff_mod_bit_sizes) >= 3
@@ -251,14 +259,17 @@ class _Base:
         return float(2**self.scale_bits)
 
     def is_public(self) -> bool:
-        return self.context.is_public()
+        return bool(self.context.is_public())
 
 
 @dataclass(eq=False)
 class SecretContext(_Base):
     """Phone-side context: secret key, encryption and decryption. Never upload it."""
 
-    def __post_init__(self):
+    _encryptor: SealObject = field(init=False, repr=False)
+    _decryptor: SealObject = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
         super().__post_init__()
         if not self.context.is_private():
             raise ValueError("SecretContext needs a context holding the secret key")
@@ -271,10 +282,10 @@ class SecretContext(_Base):
 class PublicContext(_Base):
     """Server-side context: relinearisation and chosen rotation keys, no secret key."""
 
-    relin_keys: object = None
-    galois_keys: object = None
+    relin_keys: SealObject = None
+    galois_keys: SealObject = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         if not self.context.is_public() or self.context.has_secret_key():
             raise ValueError("PublicContext must not contain a secret key")
@@ -332,7 +343,7 @@ def _parse_ctx_header(data: bytes) -> tuple[int, int, int, bytes]:
     data = bytes(data)
     if len(data) < _CTX_HEADER.size or data[:6] != _CTX_MAGIC:
         raise ValueError("not a privface CKKS context (bad magic)")
-    magic, version, kind, log2k, scale_bits, key_id = _CTX_HEADER.unpack_from(data)
+    _magic, version, kind, log2k, scale_bits, key_id = _CTX_HEADER.unpack_from(data)
     if version != _CTX_VERSION:
         raise ValueError(f"unsupported CKKS context version {version}")
     return kind, log2k, scale_bits, key_id
@@ -431,7 +442,7 @@ def load_public_context(data: bytes, n_threads: int = 1) -> PublicContext:
 _TMPDIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
-def _save_bytes(obj) -> bytes:
+def _save_bytes(obj: SealObject) -> bytes:
     """SEAL objects in tenseal.sealapi only save to a path: go through a private tmp file."""
     fd, path = tempfile.mkstemp(prefix="pfckks-", dir=_TMPDIR)
     os.close(fd)
@@ -443,7 +454,7 @@ def _save_bytes(obj) -> bytes:
         os.unlink(path)
 
 
-def _load_obj(obj, seal, data: bytes):
+def _load_obj(obj: SealObject, seal: SealObject, data: bytes) -> SealObject:
     fd, path = tempfile.mkstemp(prefix="pfckks-", dir=_TMPDIR)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -468,7 +479,7 @@ def _wrap(ctx: _Base, kind: int, index: int, seal_bytes: bytes) -> bytes:
     ) + seal_bytes
 
 
-def _unwrap(ctx: _Base, data, kind: int, index: Optional[int]):
+def _unwrap(ctx: _Base, data: object, kind: int, index: int | None) -> SealObject:
     """Parse and validate one wire ciphertext; returns a sealapi.Ciphertext."""
     if isinstance(data, sealapi.Ciphertext):
         return data
@@ -511,7 +522,7 @@ def _unwrap(ctx: _Base, data, kind: int, index: Optional[int]):
 # --------------------------------------------------------------------------- phone side
 
 
-def _check_embeddings(embeddings, what: str = "embeddings") -> np.ndarray:
+def _check_embeddings(embeddings: npt.ArrayLike, what: str = "embeddings") -> np.ndarray:
     arr = np.asarray(embeddings, dtype=np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
@@ -534,7 +545,8 @@ def _encrypt_slots(secret: SecretContext, values: np.ndarray) -> bytes:
     return _save_bytes(secret._encryptor.encrypt_symmetric(pt))
 
 
-def encrypt_entries(secret: SecretContext, embeddings, first_position: int) -> list[bytes]:
+def encrypt_entries(secret: SecretContext, embeddings: npt.ArrayLike,
+                    first_position: int) -> list[bytes]:
     """Encrypt gallery entries at positions first_position.. (all within one block).
 
     Returns one block's worth (``cts_per_block``) of ciphertexts; positions of the block
@@ -562,7 +574,7 @@ def encrypt_entries(secret: SecretContext, embeddings, first_position: int) -> l
     ]
 
 
-def encrypt_gallery(secret: SecretContext, embeddings) -> list[list[bytes]]:
+def encrypt_gallery(secret: SecretContext, embeddings: npt.ArrayLike) -> list[list[bytes]]:
     """A whole gallery packed from position 0: one list of ciphertexts per block (for
     re-packing a gallery after removals, and for benchmarks)."""
     arr = _check_embeddings(embeddings)
@@ -571,7 +583,7 @@ def encrypt_gallery(secret: SecretContext, embeddings) -> list[list[bytes]]:
             for b in range(secret.layout.blocks_for(len(arr)))]
 
 
-def encrypt_query(secret: SecretContext, embedding) -> list[bytes]:
+def encrypt_query(secret: SecretContext, embedding: npt.ArrayLike) -> list[bytes]:
     """One query face -> ``cts_per_block`` seeded ciphertexts (k dims tiled per entry)."""
     if not isinstance(secret, SecretContext):
         raise ValueError("encrypt_query needs the phone's SecretContext")
@@ -588,7 +600,8 @@ def encrypt_query(secret: SecretContext, embedding) -> list[bytes]:
     ]
 
 
-def decrypt_squared_distances(secret: SecretContext, result: bytes, n_entries=None) -> np.ndarray:
+def decrypt_squared_distances(secret: SecretContext, result: bytes,
+                              n_entries: int | None = None) -> np.ndarray:
     """Squared distances of the first ``n_entries`` entries of one block's result."""
     if not isinstance(secret, SecretContext):
         raise ValueError("decryption needs the phone's SecretContext")
@@ -626,18 +639,22 @@ def decrypt_entries(secret: SecretContext, block: Sequence[bytes]) -> np.ndarray
     return out
 
 
-def decrypt_distances(secret: SecretContext, result: bytes, n_entries=None) -> np.ndarray:
+def decrypt_distances(secret: SecretContext, result: bytes,
+                      n_entries: int | None = None) -> np.ndarray:
     """Euclidean distances (sqrt of the decrypted squared distances, clipped at 0)."""
     sq = decrypt_squared_distances(secret, result, n_entries)
-    return np.sqrt(np.clip(sq, 0.0, None))
+    distances: np.ndarray = np.sqrt(np.clip(sq, 0.0, None))
+    return distances
 
 
-def nearest(distances, entry_slots: Sequence[Optional[int]]) -> tuple[Optional[int], float]:
+def nearest(distances: npt.ArrayLike,
+            entry_slots: Sequence[int | None]) -> tuple[int | None, float]:
     """(member slot of the nearest live entry, its distance); (None, inf) if none live."""
     d = np.asarray(distances, dtype=np.float64).ravel()
     if len(entry_slots) > d.size:
         raise ValueError(f"{len(entry_slots)} entry slots but only {d.size} distances")
-    best, best_d = None, math.inf
+    best: int | None = None
+    best_d = math.inf
     for pos, slot in enumerate(entry_slots):
         if slot is None:
             continue
@@ -646,7 +663,8 @@ def nearest(distances, entry_slots: Sequence[Optional[int]]) -> tuple[Optional[i
     return best, best_d
 
 
-def assign(distances, entry_slots: Sequence[Optional[int]], tolerance: float = TOLERANCE):
+def assign(distances: npt.ArrayLike, entry_slots: Sequence[int | None],
+           tolerance: float = TOLERANCE) -> int | None:
     """Member slot of the nearest live entry if within ``tolerance``, else None.
 
     ``distances[p]`` is the Euclidean distance to gallery position p (concatenate the
@@ -660,14 +678,16 @@ def assign(distances, entry_slots: Sequence[Optional[int]], tolerance: float = T
 # --------------------------------------------------------------------------- server side
 
 
-def _check_block_list(ctx: _Base, cts, kind: int, what: str):
+def _check_block_list(ctx: _Base, cts: Sequence[object] | None, kind: int,
+                      what: str) -> list[SealObject]:
     if cts is None or len(cts) != ctx.layout.cts_per_block:
         n = None if cts is None else len(cts)
         raise ValueError(f"{what} must have {ctx.layout.cts_per_block} ciphertexts, got {n}")
     return [_unwrap(ctx, ct, kind, c) for c, ct in enumerate(cts)]
 
 
-def add_into_block(public: PublicContext, block, new: Sequence[bytes]) -> list[bytes]:
+def add_into_block(public: PublicContext, block: Sequence[bytes] | None,
+                   new: Sequence[bytes]) -> list[bytes]:
     """Server: homomorphically add newly encrypted entries into a stored block.
 
     ``block`` None starts a new block (the phone's seeded bytes are kept as they are).
@@ -680,26 +700,27 @@ def add_into_block(public: PublicContext, block, new: Sequence[bytes]) -> list[b
         return [bytes(b) for b in new]
     old_cts = _check_block_list(public, block, KIND_GALLERY, "stored block")
     out = []
-    for c, (a, b) in enumerate(zip(old_cts, new_cts)):
+    for c, (a, b) in enumerate(zip(old_cts, new_cts, strict=True)):
         s = sealapi.Ciphertext()
         public._evaluator.add(a, b, s)
         out.append(_wrap(public, KIND_GALLERY, c, _save_bytes(s)))
     return out
 
 
-def prepare_block(public: PublicContext, block: Sequence[bytes]) -> list:
+def prepare_block(public: PublicContext, block: Sequence[bytes]) -> list[SealObject]:
     """Deserialise and validate one stored block once (cache the result in memory)."""
     return _check_block_list(public, block, KIND_GALLERY, "gallery block")
 
 
-def prepare_query(public: PublicContext, query: Sequence[bytes]) -> list:
+def prepare_query(public: PublicContext, query: Sequence[bytes]) -> list[SealObject]:
     return _check_block_list(public, query, KIND_QUERY, "query")
 
 
-def _match_prepared(public: PublicContext, block_cts: list, query_cts: list):
+def _match_prepared(public: PublicContext, block_cts: Sequence[SealObject],
+                    query_cts: Sequence[SealObject]) -> SealObject:
     ev = public._evaluator
     acc = None
-    for g, q in zip(block_cts, query_cts):
+    for g, q in zip(block_cts, query_cts, strict=True):
         d = sealapi.Ciphertext()
         ev.sub(g, q, d)
         ev.square_inplace(d)  # size-3 ciphertext; relinearised once below
@@ -717,7 +738,8 @@ def _match_prepared(public: PublicContext, block_cts: list, query_cts: list):
     return acc
 
 
-def match_block(public: PublicContext, block, query) -> bytes:
+def match_block(public: PublicContext, block: Sequence[object],
+                query: Sequence[object]) -> bytes:
     """Server: one block (bytes or prepared) x one query (bytes or prepared) -> result bytes.
 
     Slot e*k of the result holds ||g_e - q||^2 under the family key.
@@ -729,7 +751,8 @@ def match_block(public: PublicContext, block, query) -> bytes:
     return _wrap(public, KIND_RESULT, 0, _save_bytes(_match_prepared(public, g, q)))
 
 
-def match_prepared(public: PublicContext, block_cts: list, query_cts: list) -> bytes:
+def match_prepared(public: PublicContext, block_cts: Sequence[SealObject],
+                   query_cts: Sequence[SealObject]) -> bytes:
     """Server: a prepared block x a prepared query -> serialised result ciphertext."""
     return _wrap(public, KIND_RESULT, 0, _save_bytes(_match_prepared(public, block_cts, query_cts)))
 
@@ -741,7 +764,7 @@ class PreparedGallery:
     ``set_block(i, block)`` replaces/appends block i after an ``add_into_block``.
     """
 
-    def __init__(self, public: PublicContext, blocks: Sequence[Sequence[bytes]] = ()):
+    def __init__(self, public: PublicContext, blocks: Sequence[Sequence[bytes]] = ()) -> None:
         if not isinstance(public, PublicContext):
             raise ValueError("PreparedGallery needs a PublicContext")
         self.public = public
@@ -754,7 +777,7 @@ class PreparedGallery:
     def capacity(self) -> int:
         return len(self._blocks) * self.public.layout.entries_per_block
 
-    def block(self, index: int) -> list:
+    def block(self, index: int) -> list[SealObject]:
         """The prepared (deserialised) ciphertexts of block ``index``."""
         return self._blocks[index]
 

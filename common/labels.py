@@ -14,7 +14,7 @@ product and never sees lambda:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
@@ -24,7 +24,7 @@ DEFAULT_CAPACITY = 16
 MAX_CAPACITY = 1024
 
 
-class MatchMode(str, Enum):
+class MatchMode(StrEnum):
     """How a query selects photos."""
 
     ALL = "all"

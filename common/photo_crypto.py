@@ -45,7 +45,7 @@ def _associated_data(purpose: bytes, family_id: str, photo_id: str, kind: str) -
     return b"".join(struct.pack("<I", len(f)) + f for f in fields)
 
 
-def _check_key(master_key: bytes) -> None:
+def _check_key(master_key: object) -> None:
     if not isinstance(master_key, (bytes, bytearray)) or len(master_key) != KEY_BYTES:
         raise ValueError(f"master key must be {KEY_BYTES} bytes")
 

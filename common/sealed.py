@@ -35,7 +35,7 @@ def _associated_data(family_id: str, name: str, version: int) -> bytes:
     return b"".join(struct.pack("<I", len(f)) + f for f in fields)
 
 
-def _check_key(master_key: bytes) -> None:
+def _check_key(master_key: object) -> None:
     if not isinstance(master_key, (bytes, bytearray)) or len(master_key) != KEY_BYTES:
         raise MalformedInputError(f"master key must be {KEY_BYTES} bytes")
 

@@ -117,7 +117,7 @@ class ProductKey:
                 + name + key + prefix + basis)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ProductKey":
+    def from_bytes(cls, data: bytes) -> ProductKey:
         if not data.startswith(PRODUCT_KEY_MAGIC):
             raise MalformedInputError("not a privface product key (or an older format)")
         head = struct.Struct("<HIIIIQQQ")
@@ -148,7 +148,8 @@ def _prefix_basis(cascade: Cascade, stages: int, extra: int,
     rank = int(np.sum(np.abs(np.diag(r)) > 1e-9 * np.abs(r).max()))
     # A random rotation inside the subspace, so row order reveals nothing.
     rot, _ = np.linalg.qr(rng.standard_normal((rank, rank)))
-    return (q[:, :rank] @ rot).T
+    basis: np.ndarray = (q[:, :rank] @ rot).T
+    return basis
 
 
 def generate_product_key(detector_id: str, cascade: Cascade, version: int = 1, *,
@@ -221,6 +222,8 @@ def encrypt_cascade(cascade: Cascade, product_key: ProductKey,
                                f"cascade uses {cascade.window_size}")
     full = aspe.encrypt_stored(product_key.key, _stored_rows(cascade, None, cascade.n_weak), rng)
     if product_key.prefix_stages:
+        if product_key.prefix_key is None:
+            raise MalformedInputError("product key has prefix stages but no prefix key")
         end = int(cascade.stage_ends[product_key.prefix_stages - 1])
         prefix = aspe.encrypt_stored(product_key.prefix_key,
                                      _stored_rows(cascade, product_key.prefix_basis, end), rng)
@@ -296,10 +299,9 @@ def evaluate(cascade: EncryptedCascade, windows: np.ndarray, encoding: int,
         raise MalformedInputError(f"windows have {windows.shape[1]} values, this detector's "
                                   f"{'prefix ' if prefix else ''}ciphertexts {matrix.shape[1]}")
     eps, eta = _ROUNDING[Encoding(encoding)]
-    certify = eps > 0
     outcome = np.full(windows.shape[0], Outcome.PASSED, dtype=np.uint8)
     alive = np.arange(windows.shape[0])
-    abs_windows = np.abs(windows) if certify else None
+    abs_windows = np.abs(windows) if eps > 0 else None  # None: exact, nothing to certify
     for stage in range(first_stage, last):
         if alive.size == 0:
             break
@@ -307,7 +309,7 @@ def evaluate(cascade: EncryptedCascade, windows: np.ndarray, encoding: int,
         stop = int(cascade.stage_ends[stage])
         ys = matrix[start:stop]
         scores = windows[alive] @ ys.T
-        if certify:
+        if abs_windows is not None:
             abs_ys = np.abs(ys)
             bound = (eps + _EVAL_EPS) * (abs_windows[alive] @ abs_ys.T) \
                 + eta * abs_ys.sum(axis=1)[None, :]
