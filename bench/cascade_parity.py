@@ -31,6 +31,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from client.pipeline.windows import (  # noqa: E402
+    ScanParams,
+    apply_skip_rule,
+    detect_plain,
+    group_boxes,
+    scan_windows,
+)
 from common.cascade import (  # noqa: E402
     Cascade,
     default_cascade_path,
@@ -40,13 +47,6 @@ from common.cascade import (  # noqa: E402
     opencv_weak_decisions,
     stage_scores,
     weak_decisions,
-)
-from client.pipeline.windows import (  # noqa: E402
-    ScanParams,
-    apply_skip_rule,
-    detect_plain,
-    group_boxes,
-    scan_windows,
 )
 
 DATA = ROOT.parent / "shared" / "data"
@@ -162,7 +162,7 @@ def scan_with_diagnostics(
 
 
 def as_set(rects) -> set[tuple[int, int, int, int]]:
-    return {tuple(int(v) for v in r) for r in np.asarray(rects).reshape(-1, 4)}
+    return {(int(x), int(y), int(w), int(h)) for x, y, w, h in np.asarray(rects).reshape(-1, 4)}
 
 
 def load_gray(path: Path, max_width: int) -> np.ndarray | None:

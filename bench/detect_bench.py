@@ -41,39 +41,45 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import xml.etree.ElementTree as ET  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import client.pipeline.detect as detect_mod  # noqa: E402
 from bench.common import median_ms, print_table, write_json  # noqa: E402
+from client import rpc as rpc_mod  # noqa: E402
 from client import vendor  # noqa: E402
-from client.pipeline.detect import (DEFAULT, FAITHFUL, DetectionMode,  # noqa: E402
-                                    SecureDetector, working_image)
+from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector, working_image  # noqa: E402
 from client.pipeline.family import create_family  # noqa: E402
-from client.pipeline.windows import pyramid_levels, scan_windows  # noqa: E402
+from client.pipeline.windows import (  # noqa: E402
+    Detector,
+    ScanParams,
+    WindowBatch,
+    pyramid_levels,
+    scan_windows,
+)
 from client.rpc import PrivfaceClient  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
 from common.cascade import default_cascade_path, load_cascade  # noqa: E402
-from client import rpc as rpc_mod  # noqa: E402
 from server.app import create_server, vendor_token  # noqa: E402
 from server.config import ServerConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SIZES = {640: (640, 480), 1280: (1280, 960)}
 DEFAULT_SCAN_BATCH = 16384  # scan_windows' default batch_windows, as SecureDetector uses it
+SCAN_PARAMS = ScanParams()  # scan_windows' default
 
 
 def log(msg: str) -> None:
@@ -101,9 +107,9 @@ def load_labels() -> dict[str, list[tuple[float, float, float, float]]]:
         if not path.exists():
             continue
         for image in ET.parse(path).getroot().iter("image"):
-            labels[image.get("file")] = [
-                (float(b.get("left")), float(b.get("top")), float(b.get("width")),
-                 float(b.get("height"))) for b in image.iter("box")]
+            labels[image.attrib["file"]] = [
+                (float(b.attrib["left"]), float(b.attrib["top"]), float(b.attrib["width"]),
+                 float(b.attrib["height"])) for b in image.iter("box")]
     return labels
 
 
@@ -159,7 +165,8 @@ class Meter:
             self.max_message = max(self.max_message, answer.request_bytes)
             return answer
 
-        def scan(gray, cascade, params, batch_windows=DEFAULT_SCAN_BATCH) -> Iterator:
+        def scan(gray: np.ndarray, cascade: Detector, params: ScanParams = SCAN_PARAMS,
+                 batch_windows: int = DEFAULT_SCAN_BATCH) -> Iterator[WindowBatch]:
             it = scan_windows(gray, cascade, params, batch_windows)
             while True:
                 start = time.perf_counter()
@@ -171,9 +178,10 @@ class Meter:
                     self.scan_ms += (time.perf_counter() - start) * 1000
                 yield batch
 
+        # Patched in place, for this process only (a benchmark's instrumentation).
         sc.encrypt_windows = encrypt  # the server never calls it
-        rpc_mod.DetectionStream.run = run
-        detect_mod.scan_windows = scan
+        rpc_mod.DetectionStream.run = run  # type: ignore[method-assign]
+        detect_mod.scan_windows = scan  # type: ignore[attr-defined]
 
     def reset(self, mode: DetectionMode | None = None) -> None:
         self.encrypt_ms = self.scan_ms = 0.0
@@ -230,7 +238,7 @@ def opencv_boxes(classifier: cv2.CascadeClassifier, gray: np.ndarray, mode: Dete
         gray, scaleFactor=p.scale_factor,
         minNeighbors=p.min_neighbors if min_neighbors is None else min_neighbors,
         minSize=p.min_size, maxSize=p.max_size or (0, 0))
-    return sorted(tuple(int(v) for v in b) for b in np.reshape(boxes, (-1, 4)))
+    return sorted((int(x), int(y), int(w), int(h)) for x, y, w, h in np.reshape(boxes, (-1, 4)))
 
 
 def compare(found: list, expected: list) -> dict[str, int]:
@@ -251,8 +259,15 @@ def secure_run(detector: SecureDetector, meter: Meter, image: np.ndarray) -> dic
     }
 
 
-def run_photo(path: Path, size: int, ctx: dict, run_faithful: bool) -> dict[str, Any]:
-    image = resized(cv2.imread(str(path)), size)
+def read_photo(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    if image is None:
+        raise FileNotFoundError(f"cannot read {path}")
+    return image
+
+
+def run_photo(path: Path, size: int, ctx: dict[str, Any], run_faithful: bool) -> dict[str, Any]:
+    image = resized(read_photo(path), size)
     gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     classifier = ctx["classifier"]
     default_det: SecureDetector = ctx["default"]
@@ -263,7 +278,7 @@ def run_photo(path: Path, size: int, ctx: dict, run_faithful: bool) -> dict[str,
     # (3) plaintext OpenCV: reference boxes and times.
     ref_faithful = opencv_boxes(classifier, gray, FAITHFUL)
     ref_work = opencv_boxes(classifier, work, DEFAULT)
-    ref_default = sorted(tuple(int(round(v / scale)) for v in b) for b in ref_work)
+    ref_default = sorted(tuple(round(v / scale) for v in b) for b in ref_work)
     row["opencv_faithful_ms"] = median_ms(lambda: opencv_boxes(classifier, gray, FAITHFUL), 3)
     row["opencv_default_ms"] = median_ms(lambda: opencv_boxes(classifier, work, DEFAULT), 3)
     row["opencv_faithful_boxes"] = ref_faithful
@@ -405,8 +420,9 @@ def print_size(s: dict, size: int) -> None:
                  s[f"opencv_ms_{size}_default_params"], "reference"])
     print_table(["mode", "positions", "windows sent", "MB up", "scan ms", "encrypt ms",
                  "server ms", "end-to-end ms", "boxes = OpenCV"], rows)
-    print(f"DEFAULT windows sent per photo (median): prefix {s[f'prefix_windows_{size}_default']:,.0f}"
-          f", full float32 {s[f'full_windows_{size}_default']:,.0f}, re-sent float64 "
+    print("DEFAULT windows sent per photo (median): prefix "
+          f"{s[f'prefix_windows_{size}_default']:,.0f}, full float32 "
+          f"{s[f'full_windows_{size}_default']:,.0f}, re-sent float64 "
           f"{s[f'resent_float64_{size}_default']:,.0f} (total over photos "
           f"{s[f'resent_float64_{size}_default_total']:,}); largest message "
           f"{s[f'max_message_bytes_{size}_default'] / mb:.1f} MB; upload reduction "
@@ -485,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                 create_family(client)
                 info = client.list_detectors()[0]
                 meter = Meter()
-                ctx = {"classifier": cv2.CascadeClassifier(default_cascade_path()),
+                ctx: dict[str, Any] = {
+                       "classifier": cv2.CascadeClassifier(default_cascade_path()),
                        "key": key, "cipher_dim": int(info.ciphertext_dim), "meter": meter,
                        "default": SecureDetector(client, key, DEFAULT),
                        "faithful": SecureDetector(client, key, FAITHFUL)}
@@ -494,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs = args.faithful_runs if size == 640 else args.faithful_runs_1280
                     for i, path in enumerate(photos):
                         t0 = time.perf_counter()
-                        original = cv2.imread(str(path))
+                        original = read_photo(path)
                         row = run_photo(path, size, ctx, run_faithful=i < runs)
                         row["orig_width"], row["orig_height"] = original.shape[1], original.shape[0]
                         rows.append(row)

@@ -16,6 +16,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -52,16 +53,27 @@ def unit_ish(rng, n, norm=1.4):
     return x / np.linalg.norm(x, axis=1, keepdims=True) * norm
 
 
+def squared_distances(gallery, query):
+    """Plaintext matching: squared distance of the query to every gallery entry."""
+    return np.sum((gallery - query) ** 2, axis=1)
+
+
+def decrypt_all(secret, results):
+    return [ckks.decrypt_distances(secret, r) for r in results]
+
+
 def lfw_pairs(limit=None):
     lines = (LFW / "pairsDevTrain.txt").read_text().split("\n")
     n = int(lines[0])
     out = []
-    for l in lines[1 : 1 + 2 * n]:
-        p = l.split("\t")
+    for line in lines[1 : 1 + 2 * n]:
+        p = line.split("\t")
         if len(p) == 3:
-            out.append((f"{p[0]}/{p[0]}_{int(p[1]):04d}.jpg", f"{p[0]}/{p[0]}_{int(p[2]):04d}.jpg", True))
+            out.append((f"{p[0]}/{p[0]}_{int(p[1]):04d}.jpg",
+                        f"{p[0]}/{p[0]}_{int(p[2]):04d}.jpg", True))
         else:
-            out.append((f"{p[0]}/{p[0]}_{int(p[1]):04d}.jpg", f"{p[2]}/{p[2]}_{int(p[3]):04d}.jpg", False))
+            out.append((f"{p[0]}/{p[0]}_{int(p[1]):04d}.jpg",
+                        f"{p[2]}/{p[2]}_{int(p[3]):04d}.jpg", False))
     if limit and limit < len(out):
         # keep the same/different balance: evenly spaced over both halves
         idx = np.linspace(0, len(out) - 1, limit).round().astype(int)
@@ -72,7 +84,12 @@ def lfw_pairs(limit=None):
 def _embed_one(rel):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from client.pipeline.recognize import NoFaceError, face_embeddings, load_rgb, primary_face_embedding
+        from client.pipeline.recognize import (
+            NoFaceError,
+            face_embeddings,
+            load_rgb,
+            primary_face_embedding,
+        )
     path = LFW / "images" / rel
     try:
         return rel, primary_face_embedding(path), False
@@ -85,11 +102,12 @@ def lfw_embeddings(rels, workers=2):
     cache, fallback = {}, set()
     if CACHE.is_file():
         z = np.load(CACHE, allow_pickle=False)
-        cache = dict(zip(z["paths"].tolist(), z["emb"]))
+        cache = dict(zip(z["paths"].tolist(), z["emb"], strict=True))
         fallback = set(z["fallback"].tolist())
     todo = sorted(set(rels) - set(cache))
     if todo:
-        print(f"[embed] {len(todo)} LFW images with face_recognition ({workers} workers)...", flush=True)
+        print(f"[embed] {len(todo)} LFW images with face_recognition ({workers} workers)...",
+              flush=True)
         t = time.time()
         from multiprocessing import Pool
 
@@ -123,7 +141,8 @@ def bench_seed(n_pairs, rng, repeats):
     keygen_s = time.perf_counter() - t
     pub = ctx.copy()
     pub.make_context_public()
-    key_bytes = len(pub.serialize(save_public_key=True, save_galois_keys=True, save_relin_keys=True))
+    key_bytes = len(pub.serialize(save_public_key=True, save_galois_keys=True,
+                                  save_relin_keys=True))
     seal = ctx.seal_context().data
     enc = S.CKKSEncoder(seal)
     ev = S.Evaluator(seal)
@@ -221,9 +240,9 @@ def bench_packed(params, k, sizes, rng, repeats, full=True):
         prepared = ckks.PreparedGallery(public, blocks)
         prep_s = time.perf_counter() - t
         results = prepared.match(query)  # warm-up
-        ms = median_ms(lambda: prepared.match(query), repeats)
+        ms = median_ms(functools.partial(prepared.match, query), repeats)
         dec_ms = median_ms(
-            lambda: [ckks.decrypt_distances(secret, r) for r in results], max(1, repeats // 2)
+            functools.partial(decrypt_all, secret, results), max(1, repeats // 2)
         )
         got = np.concatenate([ckks.decrypt_distances(secret, r) for r in results])[:n]
         err = float(np.abs(got - np.linalg.norm(emb - q, axis=1)).max())
@@ -318,7 +337,8 @@ def lfw_accuracy(secret, public, pairs, emb):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", required=True, type=Path)
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--pairs", type=int, default=2200, help="LFW pairsDevTrain pairs (max 2200)")
@@ -352,7 +372,7 @@ def main(argv=None):
     q = unit_ish(rng, 1)[0]
     for n in sizes:
         G = unit_ish(rng, n)
-        ms = median_ms(lambda: np.sum((G - q) ** 2, axis=1), max(repeats, 21))
+        ms = median_ms(functools.partial(squared_distances, G, q), max(repeats, 21))
         plain[str(n)] = {"query_ms": ms, "us_per_entry": ms * 1e3 / n}
     report["plain"] = plain
 
@@ -419,30 +439,36 @@ def main(argv=None):
         s = str(n)
         print(f"{'us / gallery entry, n=' + s:34}{seed['ms_per_pair'] * 1e3:>14.0f}"
               f"{packed['sizes'][s]['us_per_entry']:>14.1f}{plain[s]['us_per_entry']:>12.4f}")
-    print(f"{'key upload (one-time) bytes':34}{seed['key_upload_bytes']:>14,}{packed['key_upload_bytes']:>14,}{'-':>12}")
+    print(f"{'key upload (one-time) bytes':34}{seed['key_upload_bytes']:>14,}"
+          f"{packed['key_upload_bytes']:>14,}{'-':>12}")
     print(f"{'query upload bytes / face':34}{seed['query_upload_bytes_per_face']:>14,}"
           f"{packed['query_upload_bytes_per_face']:>14,}{'-':>12}")
-    print(f"{'phone encrypt ms / face':34}{seed['phone_encrypt_ms']:>14.2f}{packed['phone_encrypt_query_ms']:>14.2f}{'-':>12}")
+    print(f"{'phone encrypt ms / face':34}{seed['phone_encrypt_ms']:>14.2f}"
+          f"{packed['phone_encrypt_query_ms']:>14.2f}{'-':>12}")
     s1 = packed["sizes"][k1]
     print(f"{'phone decrypt ms, n=' + k1:34}{'-':>14}{s1['phone_decrypt_ms']:>14.2f}{'-':>12}")
-    print(f"{'result download bytes, n=' + k1:34}{'-':>14}{s1['result_download_bytes']:>14,}{'-':>12}")
+    print(f"{'result download bytes, n=' + k1:34}{'-':>14}"
+          f"{s1['result_download_bytes']:>14,}{'-':>12}")
     if sweep:
         print("\nsweep (n = 10k where run):")
         for r in sweep:
             s = r["sizes"].get("10000") or list(r["sizes"].values())[-1]
             acc = r.get("lfw_subset", {})
             print(f"  {r['params']:<40} {s['us_per_entry']:6.1f} us/entry  "
-                  f"query up {r['query_upload_bytes_per_face']:>9,} B  keys {r['key_upload_bytes']:>10,} B  "
-                  f"LFW max dist err (d>0.1) {acc.get('max_abs_err_distance_above_0.1', float('nan')):.1e} "
+                  f"query up {r['query_upload_bytes_per_face']:>9,} B  "
+                  f"keys {r['key_upload_bytes']:>10,} B  LFW max dist err (d>0.1) "
+                  f"{acc.get('max_abs_err_distance_above_0.1', float('nan')):.1e} "
                   f"flips {acc.get('decision_flips_all', '-')}")
     if pairs:
         a = report["lfw"]
         print(f"\nLFW ({a['pairs']} pairs, {a['distances_compared']} distances): max abs err "
               f"{a['max_abs_err']:.2e} (squared {a['max_abs_err_squared']:.2e}, near 0.6 "
-              f"{a['max_abs_err_distance_in_0.4_0.8']:.2e}), median {a['median_abs_err']:.2e}; rel err (eq. 3) median "
+              f"{a['max_abs_err_distance_in_0.4_0.8']:.2e}), median {a['median_abs_err']:.2e}; "
+              f"rel err (eq. 3) median "
               f"{a['rel_err_median']:.2e}, max {a['rel_err_max']:.2e}; decision flips at 0.6: "
               f"{a['decision_flips_pairs']} pairs / {a['decision_flips_all']} all; accuracy "
-              f"plain {a['verification_accuracy_plain']:.4f} enc {a['verification_accuracy_encrypted']:.4f}")
+              f"plain {a['verification_accuracy_plain']:.4f} "
+              f"enc {a['verification_accuracy_encrypted']:.4f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.json}")

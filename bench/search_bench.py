@@ -12,22 +12,23 @@ index load from SQLite and one end-to-end gRPC search over the largest store.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the server runs (server/__init__.py)
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import median_ms, print_table, write_json  # noqa: E402
-from common import aspe, labels  # noqa: E402
-from server.label_index import LabelSearch, SearchResult  # noqa: E402
-from server.storage import Store  # noqa: E402
+from bench.common import median_ms, print_table, write_json
+from common import aspe, labels
+from server.label_index import LabelSearch, SearchResult
+from server.storage import Store
 
 MEMBERS = 8
 PRESENCE = 0.3
@@ -47,6 +48,22 @@ def build_store(store: Store, n: int, key: aspe.AspeKey, capacity: int,
         store.bulk_insert_labels(family_id, [(secrets.token_hex(16), row.tobytes())
                                              for row in enc])
     return family_id, plain
+
+
+def encrypted_search(search: LabelSearch, key: aspe.AspeKey, family_id: str, capacity: int,
+                     mode: labels.MatchMode) -> SearchResult:
+    """One server search with a fresh E-Q, as a phone sends."""
+    fp = key.fingerprint()
+    query = aspe.encrypt_query(key, labels.query_vector(QUERY, capacity, mode))
+    return search.search(family_id, key.cipher_dim, fp, fp, query[0].astype("<f8").tobytes(),
+                         mode, 0)
+
+
+def plaintext_search(plain: np.ndarray, q_plain: np.ndarray) -> np.ndarray:
+    """The same search over the plaintext label matrix."""
+    scores = plain @ q_plain
+    hits: np.ndarray = np.flatnonzero(scores > 0)[::-1]
+    return hits
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,25 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             search.index(family_id, key.cipher_dim)
             load_ms = (time.perf_counter() - t0) * 1000
-            fp = key.fingerprint()
             mode = labels.MatchMode.ALL
-
-            def encrypted() -> SearchResult:  # a fresh E-Q each time, as a phone sends
-                query = aspe.encrypt_query(key, labels.query_vector(QUERY, args.capacity, mode))
-                return search.search(family_id, key.cipher_dim, fp, fp,
-                                     query[0].astype("<f8").tobytes(), mode, 0)
-
-            results = [encrypted() for _ in range(args.repeats + 1)]  # the first warms up
+            results = [encrypted_search(search, key, family_id, args.capacity, mode)
+                       for _ in range(args.repeats + 1)]  # the first warms up
             search_ms = float(np.median([r.server_ms for r in results[1:]]))
             q_plain = labels.query_vector(QUERY, args.capacity, mode)
-
-            def plaintext() -> np.ndarray:
-                scores = plain @ q_plain
-                return np.flatnonzero(scores > 0)[::-1]
-
-            plain_ms = median_ms(plaintext, args.repeats)
+            plain_ms = median_ms(functools.partial(plaintext_search, plain, q_plain),
+                                 args.repeats)
             hits = len(results[-1].photo_ids)
-            assert hits == len(plaintext()), "encrypted and plaintext results differ"
+            assert hits == len(plaintext_search(plain, q_plain)), \
+                "encrypted and plaintext results differ"
             figures[f"search_ms_{n}"] = round(search_ms, 3)
             figures[f"plain_ms_{n}"] = round(plain_ms, 3)
             figures[f"load_ms_{n}"] = round(load_ms, 1)

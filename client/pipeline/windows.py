@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -48,6 +49,7 @@ from common.cascade import Cascade, rejection_stages
 
 __all__ = [
     "GROUP_EPS",
+    "Detector",
     "ScanParams",
     "ScaleLevel",
     "ScanOutcome",
@@ -64,6 +66,14 @@ __all__ = [
 GROUP_EPS = 0.2  # detectMultiScale's GROUP_EPS
 _LOW_CONTRAST_LIMIT = 0.1  # HaarEvaluator::setWindow: area * v < 0.1 to be evaluated
 _DEFAULT_BATCH_WINDOWS = 16384
+
+
+class Detector(Protocol):
+    """What scanning needs of a detector: its window. A Cascade, or the vendor's
+    ProductKey on a phone that never sees the cascade."""
+
+    @property
+    def window_size(self) -> tuple[int, int]: ...
 
 
 @dataclass(frozen=True)
@@ -132,13 +142,19 @@ class WindowBatch:
         return int(self.pixels.shape[0])
 
 
-def _cv_round(a: np.ndarray | float) -> np.ndarray:
+def _cv_round(a: np.ndarray) -> np.ndarray:
     """cvRound: round half to even (lrint), as OpenCV does on x86 and ARM."""
-    return np.rint(a).astype(np.int64)
+    rounded: np.ndarray = np.rint(a)
+    return rounded.astype(np.int64)
+
+
+def _cv_round_int(x: float | np.floating[Any]) -> int:
+    """cvRound of one number."""
+    return int(np.rint(x))
 
 
 def pyramid_levels(
-    image_size: tuple[int, int], cascade: Cascade, params: ScanParams
+    image_size: tuple[int, int], cascade: Detector, params: ScanParams
 ) -> list[ScaleLevel]:
     """The scales detectMultiScale scans, with layer sizes, steps and positions.
 
@@ -155,8 +171,8 @@ def pyramid_levels(
     scales: list[np.float32] = []
     factor = 1.0  # double, multiplied up exactly as OpenCV's loop does
     while True:
-        ww = int(_cv_round(win_w * factor))
-        wh = int(_cv_round(win_h * factor))
+        ww = _cv_round_int(win_w * factor)
+        wh = _cv_round_int(win_h * factor)
         if ww > max_w or wh > max_h or ww > img_w or wh > img_h:
             break
         if not (ww < min_w or wh < min_h):
@@ -166,13 +182,13 @@ def pyramid_levels(
     levels = []
     for i, sc in enumerate(scales):
         # int / float in C++ is a float32 division.
-        lw = int(_cv_round(np.float32(img_w) / sc))
-        lh = int(_cv_round(np.float32(img_h) / sc))
+        lw = _cv_round_int(np.float32(img_w) / sc)
+        lh = _cv_round_int(np.float32(img_h) / sc)
         step = 1 if sc >= np.float32(2.0) else 2
         # getWorkingSize: szi - win with szi = layer + 1, positions x < that.
         xs = np.arange(0, max(lw + 1 - win_w, 0), step, dtype=np.int64)
         ys = np.arange(0, max(lh + 1 - win_h, 0), step, dtype=np.int64)
-        window = (int(_cv_round(np.float32(win_w) * sc)), int(_cv_round(np.float32(win_h) * sc)))
+        window = (_cv_round_int(np.float32(win_w) * sc), _cv_round_int(np.float32(win_h) * sc))
         levels.append(ScaleLevel(i, sc, (lw, lh), step, window, xs, ys))
     return levels
 
@@ -195,9 +211,22 @@ def _as_gray(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def _rect_sums(s: np.ndarray, y0: np.ndarray, y1: np.ndarray, x0: np.ndarray,
+               x1: np.ndarray) -> np.ndarray:
+    """Sums over the rects [y0, y1) x [x0, x1) of every (row, column) pair, from the
+    integral image ``s``; flattened row by row."""
+    sums: np.ndarray = (
+        s[y1[:, None], x1[None, :]]
+        - s[y0[:, None], x1[None, :]]
+        - s[y1[:, None], x0[None, :]]
+        + s[y0[:, None], x0[None, :]]
+    )
+    return sums.ravel()
+
+
 def scan_windows(
     gray: np.ndarray,
-    cascade: Cascade,
+    cascade: Detector,
     params: ScanParams = ScanParams(),
     batch_windows: int = _DEFAULT_BATCH_WINDOWS,
 ) -> Iterator[WindowBatch]:
@@ -226,7 +255,7 @@ def scan_windows(
         n_cols = xs.size
         rows_per_batch = max(1, batch_windows // n_cols)
         sc = level.scale
-        rx = _cv_round(np.float32(xs).astype(np.float32) * sc).astype(np.int32)
+        rx = _cv_round(xs.astype(np.float32) * sc).astype(np.int32)
         for r0 in range(0, ys.size, rows_per_batch):
             yb = ys[r0 : r0 + rows_per_batch]
             n_rows = yb.size
@@ -234,24 +263,15 @@ def scan_windows(
             # Inner normalisation rect (1, 1, win_w - 2, win_h - 2).
             y0, y1 = yb + 1, yb + win_h - 1
             x0, x1 = xs + 1, xs + win_w - 1
-
-            def rect_sum(s: np.ndarray) -> np.ndarray:
-                return (
-                    s[y1[:, None], x1[None, :]]
-                    - s[y0[:, None], x1[None, :]]
-                    - s[y1[:, None], x0[None, :]]
-                    + s[y0[:, None], x0[None, :]]
-                ).ravel()
-
-            vsum = rect_sum(s1).astype(np.float64)
-            vsq = rect_sum(s2).astype(np.float64)
+            vsum = _rect_sums(s1, y0, y1, x0, x1).astype(np.float64)
+            vsq = _rect_sums(s2, y0, y1, x0, x1).astype(np.float64)
             nf_sq = area * vsq - vsum * vsum  # exact: integers far below 2**53
             positive = nf_sq > 0.0
             nf_true = np.sqrt(np.where(positive, nf_sq, 1.0))
             inv = np.where(positive, (1.0 / nf_true).astype(np.float32), np.float32(1.0))
             inv = inv.astype(np.float32)
             low = ~positive | ~(area * inv.astype(np.float64) < _LOW_CONTRAST_LIMIT)
-            ry = _cv_round(np.float32(yb).astype(np.float32) * sc).astype(np.int32)
+            ry = _cv_round(yb.astype(np.float32) * sc).astype(np.int32)
             rects = np.empty((n_rows * n_cols, 4), dtype=np.int32)
             rects[:, 0] = np.tile(rx, n_rows)
             rects[:, 1] = np.repeat(ry, n_cols)
@@ -378,4 +398,4 @@ def detect_plain(
     gray = _as_gray(gray)
     outcome = scan_plain(gray, cascade, params)
     boxes = group_boxes(outcome.candidates, params.min_neighbors, (gray.shape[1], gray.shape[0]))
-    return sorted(tuple(int(v) for v in b) for b in boxes)
+    return sorted((int(x), int(y), int(w), int(h)) for x, y, w, h in boxes)
