@@ -12,12 +12,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2_grpc,
-                         family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
+from privface.v1 import (
+    detection_pb2,
+    detection_pb2_grpc,
+    faces_pb2,
+    faces_pb2_grpc,
+    family_pb2,
+    family_pb2_grpc,
+    photos_pb2,
+    photos_pb2_grpc,
+)
 from server.config import ServerConfig
-from server.label_index import LabelSearch
 from server.detection import DetectorRegistry
 from server.gallery import GalleryService
+from server.label_index import LabelSearch
 from server.servicers.detection import DetectorServicer
 from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
@@ -54,9 +62,9 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
         DetectorServicer(store, registry, vendor_token(config)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in SERVICE_NAMES + [""]:
+    for name in [*SERVICE_NAMES, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(SERVICE_NAMES + [reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(config.address)
     if port == 0:
         raise OSError(f"cannot bind {config.address}")

@@ -106,7 +106,8 @@ class GalleryService:
             if block == n_blocks:
                 stored, used = None, 0
             elif block == n_blocks - 1:
-                stored = unpack_ciphertexts(self.store.gallery_block(family.family_id, block))
+                stored = unpack_ciphertexts(
+                    self.store.gallery_block(family.family_id, block) or b"")
                 used = len(layout[block])
             else:
                 raise PreconditionError(

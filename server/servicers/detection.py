@@ -29,7 +29,8 @@ class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
 
     def _check_vendor(self, context: grpc.ServicerContext) -> None:
         auth = dict(context.invocation_metadata()).get("authorization", "")
-        if not secrets.compare_digest(auth.encode(), f"Bearer {self.vendor_token}".encode()):
+        if not isinstance(auth, str) or not secrets.compare_digest(
+                auth.encode(), f"Bearer {self.vendor_token}".encode()):
             raise AuthenticationError("publishing needs the server's vendor token "
                                       "(privface-vendor publish --vendor-token ...)")
 

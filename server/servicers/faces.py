@@ -11,8 +11,8 @@ from common.errors import MalformedInputError
 from privface.v1 import faces_pb2, faces_pb2_grpc
 from server.auth import authenticate
 from server.errors import grpc_errors
-from server.servicers.chunks import header_then_parts
 from server.gallery import GalleryService
+from server.servicers.chunks import header_then_parts
 from server.storage import Store
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from server.config import ServerConfig
 from server.errors import grpc_errors
 from server.label_index import LabelSearch
 from server.servicers.chunks import header_then_parts
-from server.uploads import CheckedChunks, check_limit
 from server.storage import PHOTO_ID_RE, Store, write_file_atomically
+from server.uploads import CheckedChunks, check_limit
 
 log = logging.getLogger(__name__)
 
