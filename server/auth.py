@@ -12,7 +12,8 @@ AUTH_HEADER = "authorization"
 
 
 def authenticate(store: Store, context: grpc.ServicerContext) -> Family:
-    """The calling family, from `x-privface-family` and `authorization: Bearer <token>`."""
+    """The calling family and device, from `x-privface-family` and
+    `authorization: Bearer <token>` (PERMISSION_DENIED for a revoked device)."""
     metadata = dict(context.invocation_metadata())
     family_id = metadata.get(FAMILY_HEADER, "")
     auth = metadata.get(AUTH_HEADER, "")

@@ -22,6 +22,7 @@ class ServerConfig:
     max_photo_bytes: int = 256 * MIB
     max_context_bytes: int = 64 * MIB
     max_detector_bytes: int = 64 * MIB
+    max_sealed_bytes: int = 8 * MIB  # one sealed family item (roster, CKKS secret context)
     max_window_batch: int = 16_384  # windows per DetectFaces message (the client sends <= 16,384)
     grace_seconds: float = 5.0
     log_level: str = "INFO"

@@ -20,7 +20,10 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
     (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    # Before AuthenticationError, its base class: the first match wins.
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.VersionConflictError, grpc.StatusCode.ABORTED),
     (errors.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DecryptionError, grpc.StatusCode.INVALID_ARGUMENT),
 ]

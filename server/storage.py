@@ -17,16 +17,29 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import AlreadyExistsError, AuthenticationError, NotFoundError
+from common.errors import (AlreadyExistsError, AuthenticationError, LimitExceededError,
+                           NotFoundError, PermissionDeniedError, PreconditionError,
+                           VersionConflictError)
 
 log = logging.getLogger(__name__)
 
 PHOTO_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+DEFAULT_INVITE_TTL = 24 * 3600.0
+MAX_INVITE_TTL = 7 * 24 * 3600.0
+MAX_LIVE_INVITES = 64  # per family: an invitation is cheap to make, rows are not free
+LAST_SEEN_EVERY = 60.0  # seconds between last_seen writes of one device (not every call)
+
+WRONG_CREDENTIALS = "unknown family or wrong access token: check the family bundle"
+REVOKED = ("this device was revoked by the family: ask a family member for a new invitation "
+           "(privface family export) and join again")
+BAD_INVITE = ("the invitation is unknown, used or expired: export a new one on a phone of "
+              "the family")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS families (
@@ -36,7 +49,8 @@ CREATE TABLE IF NOT EXISTS families (
     label_dim INTEGER NOT NULL,
     context_file TEXT,
     context_size INTEGER,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    ckks_key_id BLOB
 );
 CREATE TABLE IF NOT EXISTS photos (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -73,6 +87,32 @@ CREATE TABLE IF NOT EXISTS detectors (
     created REAL NOT NULL,
     PRIMARY KEY (detector_id, key_version)
 );
+CREATE TABLE IF NOT EXISTS devices (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    device_id TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    sealed_name BLOB NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (family_id, device_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS devices_by_token ON devices (token_hash);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY,
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    created_by TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS invites_by_family ON invites (family_id, created_by);
+CREATE TABLE IF NOT EXISTS sealed_items (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (family_id, name)
+);
 """
 
 
@@ -84,6 +124,19 @@ class Family:
     label_key_fp: bytes
     label_dim: int
     context_file: str | None
+    device_id: str = ""  # the authenticated device
+    ckks_key_id: bytes | None = None  # key id of the stored public context, if known
+
+
+@dataclass(frozen=True)
+class Device:
+    """One phone of a family (its name sealed by the phones, opaque here)."""
+
+    device_id: str
+    sealed_name: bytes
+    created: float
+    last_seen: float
+    revoked: bool
 
 
 @dataclass(frozen=True)
@@ -99,9 +152,16 @@ class PhotoRecord:
     thumbnail: bytes | None
 
 
-def hash_token(token: str) -> bytes:
-    """Only token hashes are stored: a leaked database grants no access."""
-    return hashlib.sha256(b"privface/token/v1" + token.encode()).digest()
+def hash_token(token: str, kind: str = "token") -> bytes:
+    """Only token hashes are stored: a leaked database grants no access.
+
+    ``kind`` separates domains, so an invitation's hash never equals an access token's."""
+    return hashlib.sha256(f"privface/{kind}/v1".encode() + token.encode()).digest()
+
+
+def legacy_device_id(family_id: str) -> str:
+    """The id given to the one device of a family created before devices existed."""
+    return hashlib.sha256(b"privface/legacy-device/v1" + family_id.encode()).hexdigest()[:32]
 
 
 def write_file_atomically(path: Path, chunks: Iterator[bytes] | bytes) -> int:
@@ -131,13 +191,38 @@ def write_file_atomically(path: Path, chunks: Iterator[bytes] | bytes) -> int:
 class Store:
     """SQLite metadata + blob files under one root directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = Path(root)
         self.blob_root = self.root / "blobs"
         self.blob_root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "privface.sqlite3"
+        self.clock = clock  # tests move time (invitation expiry) without sleeping
         self._local = threading.local()
-        self._db().executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Creates missing tables and upgrades databases written before devices existed."""
+        db = self._db()
+        # CREATE ... IF NOT EXISTS leaves an old families table as it is: the ALTER below
+        # adds the column it lacks.
+        db.executescript(SCHEMA)
+        with self._tx() as db:  # one process at a time: racing servers must not both ALTER
+            columns = {r[1] for r in db.execute("PRAGMA table_info(families)")}
+            if "ckks_key_id" not in columns:
+                db.execute("ALTER TABLE families ADD COLUMN ckks_key_id BLOB")
+            legacy = db.execute(
+                "SELECT family_id, token_hash, created FROM families f WHERE "
+                "length(token_hash) > 0 AND NOT EXISTS "
+                "(SELECT 1 FROM devices d WHERE d.family_id = f.family_id)").fetchall()
+            # families.token_hash stays as it was, so an older server can still open this
+            # database; only the devices table is read from now on.
+            db.executemany(
+                "INSERT INTO devices (family_id, device_id, token_hash, sealed_name, created) "
+                "VALUES (?, ?, ?, x'', ?)",
+                [(fid, legacy_device_id(fid), th, created) for fid, th, created in legacy])
+        if legacy:
+            log.info("gave %d families created before devices existed their first device",
+                     len(legacy))
 
     # -- connections ---------------------------------------------------------------------
 
@@ -165,25 +250,164 @@ class Store:
 
     # -- families ------------------------------------------------------------------------
 
-    def create_family(self, label_key_fp: bytes, label_dim: int) -> tuple[str, str]:
-        """Creates a family; returns (family_id, access_token). Only the token hash is kept."""
+    def create_family(self, label_key_fp: bytes, label_dim: int, device_id: str = "",
+                      sealed_device_name: bytes = b"") -> tuple[str, str]:
+        """Creates a family and its first device; returns (family_id, access_token).
+
+        ``device_id`` empty: the server picks one. Only the token hash is kept."""
         family_id = "fam_" + secrets.token_hex(12)
+        device_id = device_id or secrets.token_hex(16)
         token = secrets.token_urlsafe(32)
+        now = self.clock()
         with self._tx() as db:
+            # families.token_hash mirrors the first device's so an older server still works
+            # (it is blanked when that device is revoked).
             db.execute("INSERT INTO families (family_id, token_hash, label_key_fp, label_dim, "
                        "created) VALUES (?, ?, ?, ?, ?)",
-                       (family_id, hash_token(token), label_key_fp, label_dim, time.time()))
+                       (family_id, hash_token(token), label_key_fp, label_dim, now))
+            self._insert_device(db, family_id, device_id, token, sealed_device_name, now)
         return family_id, token
 
+    @staticmethod
+    def _insert_device(db: sqlite3.Connection, family_id: str, device_id: str, token: str,
+                       sealed_name: bytes, now: float) -> None:
+        db.execute("INSERT INTO devices (family_id, device_id, token_hash, sealed_name, "
+                   "created) VALUES (?, ?, ?, ?, ?)",
+                   (family_id, device_id, hash_token(token), sealed_name, now))
+
     def authenticate(self, family_id: str, token: str) -> Family:
-        """The family whose id and token these are; AuthenticationError otherwise."""
-        row = self._db().execute(
-            "SELECT token_hash, label_key_fp, label_dim, context_file "
-            "FROM families WHERE family_id = ?", (family_id,)).fetchone()
-        if row is None or not secrets.compare_digest(row[0], hash_token(token)):
-            raise AuthenticationError(
-                "unknown family or wrong access token: check the family bundle")
-        return Family(family_id, row[1], row[2], row[3])
+        """The family (and device) these credentials belong to.
+
+        AuthenticationError for an unknown family or token; PermissionDeniedError for a
+        revoked device's token."""
+        db = self._db()
+        # Looked up by hash: the hash of a secret token leaks nothing through timing.
+        row = db.execute(
+            "SELECT f.label_key_fp, f.label_dim, f.context_file, f.ckks_key_id, d.device_id, "
+            "d.revoked, d.last_seen FROM devices d JOIN families f USING (family_id) "
+            "WHERE d.family_id = ? AND d.token_hash = ?",
+            (family_id, hash_token(token))).fetchone()
+        if row is None:
+            raise AuthenticationError(WRONG_CREDENTIALS)
+        fp, dim, context_file, key_id, device_id, revoked, last_seen = row
+        if revoked:
+            raise PermissionDeniedError(REVOKED)
+        now = self.clock()
+        if now - last_seen >= LAST_SEEN_EVERY:  # a write per call would serialise readers
+            db.execute("UPDATE devices SET last_seen = ? WHERE family_id = ? AND "
+                       "device_id = ? AND last_seen < ?", (now, family_id, device_id, now))
+        return Family(family_id, fp, dim, context_file, device_id, key_id)
+
+    # -- devices and invitations ---------------------------------------------------------
+
+    def create_invite(self, family_id: str, ttl_seconds: float = DEFAULT_INVITE_TTL,
+                      created_by: str = "") -> tuple[str, float]:
+        """A one-time invitation; returns (token, expires_at). ttl <= 0: the default;
+        capped at MAX_INVITE_TTL."""
+        ttl = DEFAULT_INVITE_TTL if ttl_seconds <= 0 else min(ttl_seconds, MAX_INVITE_TTL)
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._tx() as db:
+            db.execute("DELETE FROM invites WHERE family_id = ? AND expires <= ?",
+                       (family_id, now))
+            live = db.execute("SELECT COUNT(*) FROM invites WHERE family_id = ?",
+                              (family_id,)).fetchone()[0]
+            if live >= MAX_LIVE_INVITES:
+                raise LimitExceededError(
+                    f"the family already has {live} unused invitations: use or let them "
+                    "expire before making more")
+            db.execute("INSERT INTO invites (token_hash, family_id, created_by, created, "
+                       "expires) VALUES (?, ?, ?, ?, ?)",
+                       (hash_token(token, "invite"), family_id, created_by, now, now + ttl))
+        return token, now + ttl
+
+    def join_family(self, family_id: str, invite_token: str, device_id: str,
+                    sealed_name: bytes) -> str:
+        """Registers a device with a one-time invitation; returns the device's access token.
+
+        AuthenticationError for an unknown family or an unknown, used or expired
+        invitation (one message for all); AlreadyExistsError for a device id in use."""
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        with self._tx() as db:
+            invite = hash_token(invite_token, "invite")
+            found = db.execute("SELECT 1 FROM invites WHERE token_hash = ? AND family_id = ? "
+                               "AND expires > ?", (invite, family_id, now)).fetchone()
+            if found is None:
+                raise AuthenticationError(BAD_INVITE)
+            if db.execute("SELECT 1 FROM devices WHERE family_id = ? AND device_id = ?",
+                          (family_id, device_id)).fetchone():
+                raise AlreadyExistsError(
+                    f"device id {device_id} is already registered in this family: pick a "
+                    "new random id")
+            # Consumed in the transaction that creates the device: used exactly once.
+            db.execute("DELETE FROM invites WHERE token_hash = ?", (invite,))
+            self._insert_device(db, family_id, device_id, token, sealed_name, now)
+        return token
+
+    def list_devices(self, family_id: str) -> list[Device]:
+        """Every device of the family, revoked ones included, oldest first."""
+        return [Device(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._db().execute(
+            "SELECT device_id, sealed_name, created, last_seen, revoked FROM devices "
+            "WHERE family_id = ? ORDER BY created, rowid", (family_id,))]
+
+    def revoke_device(self, family_id: str, device_id: str, caller_device_id: str) -> bool:
+        """Revokes a device and the invitations it made; False if it already was revoked.
+
+        NotFoundError for an unknown id; PreconditionError for the caller itself or the
+        family's last active device."""
+        with self._tx() as db:
+            row = db.execute("SELECT revoked, token_hash FROM devices WHERE family_id = ? "
+                             "AND device_id = ?", (family_id, device_id)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no device {device_id} in this family: list the "
+                                    "family's devices for their ids")
+            if device_id == caller_device_id:
+                raise PreconditionError("a phone cannot revoke itself: revoke it from "
+                                        "another phone of the family")
+            if row[0]:
+                return False
+            active = db.execute("SELECT COUNT(*) FROM devices WHERE family_id = ? AND "
+                                "revoked = 0", (family_id,)).fetchone()[0]
+            if active <= 1:
+                raise PreconditionError("this is the family's last active device: "
+                                        "revoking it would lock the family out")
+            db.execute("UPDATE devices SET revoked = 1 WHERE family_id = ? AND device_id = ?",
+                       (family_id, device_id))
+            # An invitation made before the revocation would let the device back in.
+            db.execute("DELETE FROM invites WHERE family_id = ? AND created_by = ?",
+                       (family_id, device_id))
+            # The legacy column must not keep a revoked token usable by an older server.
+            db.execute("UPDATE families SET token_hash = x'' WHERE family_id = ? AND "
+                       "token_hash = ?", (family_id, row[1]))
+        return True
+
+    # -- sealed items --------------------------------------------------------------------
+
+    def get_sealed(self, family_id: str, name: str) -> tuple[int, bytes]:
+        """(version, sealed bytes) of one item; (0, b"") if it was never written."""
+        row = self._db().execute("SELECT version, data FROM sealed_items WHERE family_id = ? "
+                                 "AND name = ?", (family_id, name)).fetchone()
+        return (int(row[0]), bytes(row[1])) if row else (0, b"")
+
+    def put_sealed(self, family_id: str, name: str, expected_version: int,
+                   data: bytes) -> int:
+        """Compare-and-set write; returns the new version.
+
+        VersionConflictError if the stored version is not ``expected_version``."""
+        with self._tx() as db:
+            row = db.execute("SELECT version FROM sealed_items WHERE family_id = ? AND "
+                             "name = ?", (family_id, name)).fetchone()
+            current = int(row[0]) if row else 0
+            if current != expected_version:
+                raise VersionConflictError(
+                    f"item {name} changed on another phone (version {current}, not "
+                    f"{expected_version}): re-read and retry")
+            db.execute("INSERT OR REPLACE INTO sealed_items (family_id, name, version, data) "
+                       "VALUES (?, ?, ?, ?)", (family_id, name, current + 1, data))
+        return current + 1
+
+    # -- public context ------------------------------------------------------------------
 
     def family_counts(self, family_id: str) -> tuple[int, int]:
         """(photo count, live gallery entry count)."""
@@ -194,19 +418,44 @@ class Store:
                              "AND alive = 1", (family_id,)).fetchone()[0]
         return photos, entries
 
-    def store_public_context(self, family_id: str, chunks: Iterator[bytes]) -> int:
-        """Stores (or replaces) the family's public CKKS context file."""
+    def store_public_context(self, family_id: str, chunks: Iterator[bytes] | bytes,
+                             key_id: bytes) -> int:
+        """Stores (or replaces) the family's public CKKS context file; returns its size.
+
+        PreconditionError if the family has gallery positions (live or dead) and the stored
+        context has another key id: they were encrypted under the family's keys, and a
+        context under other keys would make every match garbage. The same key id again is
+        an idempotent re-upload."""
         name = f"context-{secrets.token_hex(8)}.bin"
         path = self.blob_root / family_id / name
         size = write_file_atomically(path, chunks)
-        with self._tx() as db:
-            old = db.execute("SELECT context_file FROM families WHERE family_id = ?",
-                             (family_id,)).fetchone()
-            db.execute("UPDATE families SET context_file = ?, context_size = ? "
-                       "WHERE family_id = ?", (name, size, family_id))
-        if old and old[0]:
-            (self.blob_root / family_id / old[0]).unlink(missing_ok=True)
+        try:
+            with self._tx() as db:
+                old_file, old_key = db.execute(
+                    "SELECT context_file, ckks_key_id FROM families WHERE family_id = ?",
+                    (family_id,)).fetchone()
+                gallery = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE "
+                                     "family_id = ?", (family_id,)).fetchone()[0]
+                if old_file and gallery and old_key != key_id:
+                    raise PreconditionError(
+                        "the family already has CKKS keys and an encrypted gallery made with "
+                        "them; a phone must use the family's keys (privface fetches them "
+                        "from the family's sealed copy)")
+                db.execute("UPDATE families SET context_file = ?, context_size = ?, "
+                           "ckks_key_id = ? WHERE family_id = ?",
+                           (name, size, key_id, family_id))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        if old_file:
+            (self.blob_root / family_id / old_file).unlink(missing_ok=True)
         return size
+
+    def set_ckks_key_id(self, family_id: str, key_id: bytes) -> None:
+        """Records the key id of a context stored before key ids were kept (migration)."""
+        with self._tx() as db:
+            db.execute("UPDATE families SET ckks_key_id = ? WHERE family_id = ? AND "
+                       "ckks_key_id IS NULL", (key_id, family_id))
 
     def public_context_path(self, family: Family) -> Path | None:
         """Path of the family's public context file, if uploaded."""
