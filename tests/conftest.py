@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.keystore import FamilyBundle
+from client.pipeline import faces
 from client.pipeline.family import create_family
 from client.rpc import Credentials, PrivfaceClient
 from server.app import create_server
@@ -56,6 +58,12 @@ def family(address: str) -> Iterator[tuple[PrivfaceClient, FamilyBundle]]:
         for name in ("Mum", "Tom", "Dad", "Gran"):
             bundle.add_member(name)
         yield client, bundle
+
+
+def enroll_embeddings(client: PrivfaceClient, bundle: FamilyBundle, name: str,
+                      embeddings: np.ndarray) -> int:
+    """Adds a member's embeddings to the gallery (keys already ensured); the gallery size."""
+    return faces.add_faces(client, bundle, bundle.add_member(name), embeddings)
 
 
 def connect(address: str, bundle: FamilyBundle) -> PrivfaceClient:

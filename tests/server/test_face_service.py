@@ -9,7 +9,7 @@ from client.pipeline import faces
 from client.pipeline.recognize import primary_face_embedding
 from common import ckks
 from common.errors import MalformedInputError, PreconditionError
-from tests.conftest import require_data
+from tests.conftest import enroll_embeddings, require_data
 
 PEOPLE = ["George_W_Bush", "Colin_Powell", "Tony_Blair", "Serena_Williams"]
 
@@ -30,7 +30,7 @@ def test_enroll_identify_remove(family, lfw_embeddings) -> None:
     assert faces.ensure_ckks_keys(client, bundle)
     assert not faces.ensure_ckks_keys(client, bundle)  # uploaded once, kept by the server
     for person in PEOPLE[:3]:
-        faces.enroll(client, bundle, person, lfw_embeddings[person][:2])
+        enroll_embeddings(client, bundle, person, lfw_embeddings[person][:2])
     assert faces.gallery_counts(client) == {bundle.slot_of(p): 2 for p in PEOPLE[:3]}
     probes = np.array([lfw_embeddings[p][2] for p in PEOPLE])
     matches = faces.identify(client, bundle, probes)
@@ -44,7 +44,7 @@ def test_enroll_identify_remove(family, lfw_embeddings) -> None:
     after = faces.identify(client, bundle, probes[:2])
     assert after[0].name is None and after[1].name == PEOPLE[1]
     # Re-enrolling brings them back (their old entries stay dead).
-    faces.enroll(client, bundle, PEOPLE[0], lfw_embeddings[PEOPLE[0]][:1])
+    enroll_embeddings(client, bundle, PEOPLE[0], lfw_embeddings[PEOPLE[0]][:1])
     again = faces.identify(client, bundle, probes[:1])
     assert again[0].name == PEOPLE[0]
     assert faces.gallery_counts(client)[bundle.slot_of(PEOPLE[0])] == 1
@@ -59,10 +59,10 @@ def test_gallery_spans_several_blocks(family) -> None:
     for i in range(8):  # 8 x 20 = 160 entries > one block of 128
         emb = rng.standard_normal((20, 128))
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        faces.enroll(client, bundle, f"m{i}", emb)
+        enroll_embeddings(client, bundle, f"m{i}", emb)
         members.append(emb)
     layout = client.gallery_layout()
-    assert [len(b.position_slots) for b in layout.blocks] == [per_block, 160 - per_block]
+    assert [len(slots) for _, slots in sorted(layout.items())] == [per_block, 160 - per_block]
     probe = members[7][5] + 0.01
     probe /= np.linalg.norm(probe)
     (match,) = faces.identify(client, bundle, probe[None, :])
@@ -109,16 +109,16 @@ def test_compact_deletes_removed_members_ciphertexts(family) -> None:
         emb = rng.standard_normal((50, 128))
         members[f"m{i}"] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
         for chunk in (members[f"m{i}"][:20], members[f"m{i}"][20:40], members[f"m{i}"][40:]):
-            faces.enroll(client, bundle, f"m{i}", chunk)
+            enroll_embeddings(client, bundle, f"m{i}", chunk)
     client.remove_gallery_slot(bundle.remove_member("m1"))
     before, after = faces.compact(client, bundle)
     assert (before, after) == (150, 100)
     layout = client.gallery_layout()
-    assert [len(b.position_slots) for b in layout.blocks] == [100]
-    assert all(s >= 0 for b in layout.blocks for s in b.position_slots)
+    assert [len(slots) for _, slots in sorted(layout.items())] == [100]
+    assert all(s >= 0 for slots in layout.values() for s in slots)
     # What the server now stores decrypts to m0 and m2 only: m1's faces are gone.
     secret = faces.secret_context(bundle)
-    stored = ckks.decrypt_entries(secret, list(client.gallery_block(0).ciphertexts.items))[:100]
+    stored = ckks.decrypt_entries(secret, client.gallery_block(0)[0])[:100]
     assert np.allclose(stored, np.vstack([members["m0"], members["m2"]]), atol=1e-4)
     matches = faces.identify(client, bundle, np.vstack([members["m0"][:1], members["m1"][:1],
                                                         members["m2"][:1]]))

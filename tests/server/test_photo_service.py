@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client.config import ClientConfig
 from client.pipeline import photos as pipeline
 from client.pipeline.family import create_family
 from client.rpc import Credentials, PrivfaceClient, ServerUnavailableError
@@ -137,7 +138,7 @@ def test_precise_errors(family, address) -> None:
         client.search_photos(b"\0" * 8, fp)
     with pytest.raises(MalformedInputError, match="top_n"):
         client.search_photos(pipeline.encrypt_query(bundle, [0], labels.MatchMode.RANKED), fp,
-                             photos_pb2.MATCH_MODE_RANKED, 0)
+                             labels.MatchMode.RANKED, 0)
     with pytest.raises(MalformedInputError):
         pipeline.backup_photo(client, bundle, b"not an image", [0])
     assert client.list_photos() == []
@@ -180,7 +181,7 @@ def test_health_and_unreachable_server(address) -> None:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="privface.v1.PhotoService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    with PrivfaceClient("127.0.0.1:1", timeout=2) as dead:
+    with PrivfaceClient("127.0.0.1:1", config=ClientConfig(timeout=2)) as dead:
         with pytest.raises(ServerUnavailableError, match="is privface-server running"):
             dead.register_family(b"\0" * 16, 34)
 
