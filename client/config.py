@@ -31,7 +31,7 @@ class ClientConfig:
         return self.server or fallback or DEFAULT_SERVER
 
     @classmethod
-    def load(cls, **overrides: Any) -> "ClientConfig":
+    def load(cls, **overrides: Any) -> ClientConfig:
         """Defaults, overridden by PRIVFACE_<FIELD> variables, overridden by the non-None
         keyword arguments (flags)."""
         values: dict[str, Any] = {}
@@ -48,4 +48,8 @@ def _convert(default: object, raw: str) -> object:
         return Path(raw).expanduser()
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes")
-    return type(default)(raw)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw

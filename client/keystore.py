@@ -111,7 +111,7 @@ class FamilyBundle:
         return sections
 
     @classmethod
-    def _from_sections(cls, sections: dict[str, bytes]) -> "FamilyBundle":
+    def _from_sections(cls, sections: dict[str, bytes]) -> FamilyBundle:
         meta = json.loads(sections["meta"])
         return cls(family_id=meta["family_id"], server=meta["server"],
                    access_token=meta["access_token"], capacity=int(meta["capacity"]),

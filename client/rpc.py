@@ -16,8 +16,16 @@ import grpc
 from client.config import ClientConfig
 from common import errors
 from common.labels import MatchMode
-from privface.v1 import (detection_pb2, detection_pb2_grpc, faces_pb2, faces_pb2_grpc,
-                         family_pb2, family_pb2_grpc, photos_pb2, photos_pb2_grpc)
+from privface.v1 import (
+    detection_pb2,
+    detection_pb2_grpc,
+    faces_pb2,
+    faces_pb2_grpc,
+    family_pb2,
+    family_pb2_grpc,
+    photos_pb2,
+    photos_pb2_grpc,
+)
 
 CLIENT_VERSION = "privface/0.2"
 
@@ -99,7 +107,7 @@ class PrivfaceClient:
         self.faces = faces_pb2_grpc.FaceServiceStub(self.channel)
         self.detector = detection_pb2_grpc.DetectorServiceStub(self.channel)
 
-    def __enter__(self) -> "PrivfaceClient":
+    def __enter__(self) -> PrivfaceClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -141,10 +149,11 @@ class PrivfaceClient:
     def register_family(self, label_key_fingerprint: bytes, label_dim: int,
                         device_id: str = "", sealed_device_name: bytes = b"") -> Credentials:
         """Creates a family on the server; returns (and adopts) its credentials."""
-        response = self.call(self.family.RegisterFamily, family_pb2.RegisterFamilyRequest(
-            client_version=CLIENT_VERSION, label_key_fingerprint=label_key_fingerprint,
-            label_ciphertext_dim=label_dim, device_id=device_id,
-            sealed_device_name=sealed_device_name), auth=False)
+        response: family_pb2.RegisterFamilyResponse = self.call(
+            self.family.RegisterFamily, family_pb2.RegisterFamilyRequest(
+                client_version=CLIENT_VERSION, label_key_fingerprint=label_key_fingerprint,
+                label_ciphertext_dim=label_dim, device_id=device_id,
+                sealed_device_name=sealed_device_name), auth=False)
         self.credentials = Credentials(response.family_id, response.access_token)
         return self.credentials
 
@@ -152,21 +161,24 @@ class PrivfaceClient:
                     sealed_device_name: bytes) -> Credentials:
         """Registers this phone with a one-time invitation; returns (and adopts) its
         credentials."""
-        response = self.call(self.family.JoinFamily, family_pb2.JoinFamilyRequest(
-            family_id=family_id, invite_token=invite_token, device_id=device_id,
-            sealed_device_name=sealed_device_name), auth=False)
+        response: family_pb2.JoinFamilyResponse = self.call(
+            self.family.JoinFamily, family_pb2.JoinFamilyRequest(
+                family_id=family_id, invite_token=invite_token, device_id=device_id,
+                sealed_device_name=sealed_device_name), auth=False)
         self.credentials = Credentials(family_id, response.access_token)
         return self.credentials
 
     def create_device_invite(self, ttl_seconds: int = 0) -> tuple[str, float]:
         """A one-time invitation token for another phone and when it expires."""
-        response = self.call(self.family.CreateDeviceInvite,
-                             family_pb2.CreateDeviceInviteRequest(ttl_seconds=ttl_seconds))
+        response: family_pb2.CreateDeviceInviteResponse = self.call(
+            self.family.CreateDeviceInvite,
+            family_pb2.CreateDeviceInviteRequest(ttl_seconds=ttl_seconds))
         return response.invite_token, response.expires_at
 
     def list_devices(self) -> list[DeviceRecord]:
         """The family's devices, oldest first (names still sealed)."""
-        response = self.call(self.family.ListDevices, family_pb2.ListDevicesRequest())
+        response: family_pb2.ListDevicesResponse = self.call(
+            self.family.ListDevices, family_pb2.ListDevicesRequest())
         return [DeviceRecord(d.device_id, d.sealed_name, d.created_at, d.last_seen_at,
                              d.revoked) for d in response.devices]
 
@@ -176,21 +188,24 @@ class PrivfaceClient:
 
     def get_sealed_item(self, name: str) -> tuple[int, bytes]:
         """(version, sealed bytes) of one family item; (0, b"") if never written."""
-        response = self.call(self.family.GetSealedItem,
-                             family_pb2.GetSealedItemRequest(name=name),
-                             timeout=self._upload_timeout)
+        response: family_pb2.GetSealedItemResponse = self.call(
+            self.family.GetSealedItem, family_pb2.GetSealedItemRequest(name=name),
+            timeout=self._upload_timeout)
         return response.version, response.data
 
     def put_sealed_item(self, name: str, expected_version: int, data: bytes) -> int:
         """Writes one family item if still at ``expected_version``; returns the new version
         (VersionConflictError if another phone wrote first)."""
-        return self.call(self.family.PutSealedItem, family_pb2.PutSealedItemRequest(
-            name=name, expected_version=expected_version, data=data),
-            timeout=self._upload_timeout).version
+        response: family_pb2.PutSealedItemResponse = self.call(
+            self.family.PutSealedItem, family_pb2.PutSealedItemRequest(
+                name=name, expected_version=expected_version, data=data),
+            timeout=self._upload_timeout)
+        return response.version
 
     def get_family(self) -> FamilySummary:
         """Counts the server holds for this family."""
-        r = self.call(self.family.GetFamily, family_pb2.GetFamilyRequest())
+        r: family_pb2.GetFamilyResponse = self.call(self.family.GetFamily,
+                                                    family_pb2.GetFamilyRequest())
         return FamilySummary(r.family_id, r.photo_count, r.gallery_entry_count,
                              r.has_public_context, bytes(r.ckks_key_id), r.device_id)
 
@@ -204,8 +219,8 @@ class PrivfaceClient:
                 yield family_pb2.UploadPublicContextRequest(
                     total_size=len(data), chunk=data[start:start + self._chunk],
                     sha256=digest if last else b"")
-        response = self.call(self.family.UploadPublicContext, requests(),
-                             timeout=self._upload_timeout)
+        response: family_pb2.UploadPublicContextResponse = self.call(
+            self.family.UploadPublicContext, requests(), timeout=self._upload_timeout)
         return response.size, response.galois_key_count
 
     # -- photos --------------------------------------------------------------------------
@@ -224,8 +239,9 @@ class PrivfaceClient:
             yield photos_pb2.BackupPhotoRequest(header=header)
             for start in range(0, len(blob), self._chunk):
                 yield photos_pb2.BackupPhotoRequest(chunk=blob[start:start + self._chunk])
-        return self.call(self.photos.BackupPhoto, requests(),
-                         timeout=self._upload_timeout).already_stored
+        response: photos_pb2.BackupPhotoResponse = self.call(
+            self.photos.BackupPhoto, requests(), timeout=self._upload_timeout)
+        return response.already_stored
 
     def search_photos(self, encrypted_query: bytes, label_key_fingerprint: bytes,
                       mode: MatchMode = MatchMode.ALL, top_n: int = 0
@@ -268,21 +284,25 @@ class PrivfaceClient:
 
     def gallery_layout(self) -> dict[int, list[int]]:
         """block -> slot of each position (-1 for a dead one)."""
-        response = self.call(self.faces.GetGalleryLayout, faces_pb2.GetGalleryLayoutRequest())
+        response: faces_pb2.GetGalleryLayoutResponse = self.call(
+            self.faces.GetGalleryLayout, faces_pb2.GetGalleryLayoutRequest())
         return {b.block: list(b.position_slots) for b in response.blocks}
 
     def add_gallery_entries(self, slot: int, block: int, first_position: int, count: int,
                             ciphertexts: list[bytes]) -> int:
         """Adds encrypted entries; returns the gallery's entry count."""
-        return self.call(self.faces.AddGalleryEntries, faces_pb2.AddGalleryEntriesRequest(
-            slot=slot, block=block, first_position=first_position, count=count,
-            ciphertexts=faces_pb2.Ciphertexts(items=ciphertexts)),
-            timeout=self._upload_timeout).gallery_entry_count
+        response: faces_pb2.AddGalleryEntriesResponse = self.call(
+            self.faces.AddGalleryEntries, faces_pb2.AddGalleryEntriesRequest(
+                slot=slot, block=block, first_position=first_position, count=count,
+                ciphertexts=faces_pb2.Ciphertexts(items=ciphertexts)),
+            timeout=self._upload_timeout)
+        return response.gallery_entry_count
 
     def remove_gallery_slot(self, slot: int) -> int:
         """Marks a member's gallery entries dead; returns how many."""
-        return self.call(self.faces.RemoveGallerySlot,
-                         faces_pb2.RemoveGallerySlotRequest(slot=slot)).removed
+        response: faces_pb2.RemoveGallerySlotResponse = self.call(
+            self.faces.RemoveGallerySlot, faces_pb2.RemoveGallerySlotRequest(slot=slot))
+        return response.removed
 
     def match_faces(self, faces: list[list[bytes]]) -> list[BlockDistances]:
         """Encrypted distances of each face to each gallery block."""
@@ -301,19 +321,22 @@ class PrivfaceClient:
             yield detection_pb2.PublishDetectorRequest(header=header)
             for start in range(0, len(matrix), self._chunk):
                 yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + self._chunk])
-        return self.call(self.detector.PublishDetector, requests(),
-                         timeout=self._upload_timeout,
-                         metadata=(("authorization", f"Bearer {vendor_token}"),))
+        response: detection_pb2.PublishDetectorResponse = self.call(
+            self.detector.PublishDetector, requests(), timeout=self._upload_timeout,
+            metadata=(("authorization", f"Bearer {vendor_token}"),))
+        return response
 
     def list_detectors(self) -> list[detection_pb2.DetectorInfo]:
         """Published detectors (public descriptions only)."""
-        return list(self.call(self.detector.ListDetectors, detection_pb2.ListDetectorsRequest(),
-                              auth=False).detectors)
+        response: detection_pb2.ListDetectorsResponse = self.call(
+            self.detector.ListDetectors, detection_pb2.ListDetectorsRequest(), auth=False)
+        return list(response.detectors)
 
     def gallery_block(self, block: int) -> tuple[list[bytes], list[int]]:
         """One block's ciphertexts and the slot of each position."""
-        r = self.call(self.faces.GetGalleryBlock, faces_pb2.GetGalleryBlockRequest(block=block),
-                      timeout=self._upload_timeout)
+        r: faces_pb2.GetGalleryBlockResponse = self.call(
+            self.faces.GetGalleryBlock, faces_pb2.GetGalleryBlockRequest(block=block),
+            timeout=self._upload_timeout)
         return list(r.ciphertexts.items), list(r.position_slots)
 
     def replace_gallery(self, expected_positions: int,
@@ -325,8 +348,9 @@ class PrivfaceClient:
             for cts, slots in blocks:
                 yield faces_pb2.ReplaceGalleryRequest(block=faces_pb2.ReplacementBlock(
                     ciphertexts=faces_pb2.Ciphertexts(items=cts), slots=slots))
-        return self.call(self.faces.ReplaceGallery, requests(),
-                         timeout=self._upload_timeout).gallery_entry_count
+        response: faces_pb2.ReplaceGalleryResponse = self.call(
+            self.faces.ReplaceGallery, requests(), timeout=self._upload_timeout)
+        return response.gallery_entry_count
 
     def open_detection(self, detector_id: str, key_version: int, key_fingerprint: bytes
                        ) -> DetectionStream:
@@ -394,7 +418,8 @@ class DetectionStream:
             prefix: bool) -> WindowOutcomes:
         """Sends ``count`` encrypted windows and waits for their outcomes."""
         batch = detection_pb2.WindowBatch(
-            batch_id=self._next_id, count=count, windows=windows, encoding=encoding,
+            batch_id=self._next_id, count=count, windows=windows,
+            encoding=detection_pb2.WindowEncoding.Name(encoding),
             first_stage=first_stage,
             kind=detection_pb2.WINDOW_KIND_PREFIX if prefix else detection_pb2.WINDOW_KIND_FULL)
         self._next_id += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from client.config import ClientConfig
-from client.keystore import FamilyBundle, load_bundle, save_bundle
+from client.keystore import load_bundle, save_bundle
 from client.pipeline import family, labelling, library
 from client.pipeline.detect import DetectionReport
 from client.pipeline.faces import share_ckks_secret
@@ -58,7 +58,7 @@ class FamilySession:
     @classmethod
     def create(cls, bundle_path: str | Path, passphrase: str, config: ClientConfig | None = None,
                capacity: int = labels.DEFAULT_CAPACITY, device_name: str = "first phone",
-               force: bool = False) -> "FamilySession":
+               force: bool = False) -> FamilySession:
         """Makes a new family's keys here, registers it, writes the bundle, opens it."""
         config = config or ClientConfig.load()
         path = Path(bundle_path)
@@ -71,7 +71,7 @@ class FamilySession:
     @classmethod
     def join(cls, export_path: str | Path, export_passphrase: str, bundle_path: str | Path,
              passphrase: str, config: ClientConfig | None = None,
-             device_name: str = "another phone", force: bool = False) -> "FamilySession":
+             device_name: str = "another phone", force: bool = False) -> FamilySession:
         """Joins the family of an export file as a new device with its own token."""
         config = config or ClientConfig.load()
         path = Path(bundle_path)
@@ -82,7 +82,7 @@ class FamilySession:
         save_bundle(bundle, path, passphrase)
         return cls(path, passphrase, config)
 
-    def __enter__(self) -> "FamilySession":
+    def __enter__(self) -> FamilySession:
         return self
 
     def __exit__(self, *exc: object) -> None:

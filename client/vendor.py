@@ -15,7 +15,7 @@ def detector_header(enc: sc.EncryptedCascade) -> detection_pb2.DetectorHeader:
     matrix = enc.matrix_bytes()
     stages = []
     start = 0
-    for stop, threshold in zip(enc.stage_ends, enc.stage_thresholds):
+    for stop, threshold in zip(enc.stage_ends, enc.stage_thresholds, strict=True):
         stop = int(stop)
         stages.append(detection_pb2.CascadeStage(
             weak_count=stop - start, threshold=float(threshold),

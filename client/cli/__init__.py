@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - a person never sees a traceback
+    except Exception as exc:  # a person never sees a traceback
         log.debug("unexpected failure", exc_info=True)
         print(f"error: unexpected failure ({type(exc).__name__}: {exc}); run with -v for "
               "details", file=sys.stderr)

@@ -66,7 +66,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds these commands to the privface parser."""
     enroll = sub.add_parser(
         "enroll", help="add a family member (or more of their faces) from 1-20 photos",

@@ -120,7 +120,7 @@ def cmd_detector_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds these commands to the privface parser."""
     fam = sub.add_parser("family", help="create, show, export or join the family",
                          description="the family: create it, show it, copy it to another "

@@ -106,7 +106,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds these commands to the privface parser."""
     backup = sub.add_parser(
         "backup", help="encrypt and back up photos (labelled by their faces, or --people)",

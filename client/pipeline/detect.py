@@ -28,10 +28,16 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from client.pipeline.windows import ScanParams, WindowBatch, apply_skip_rule, group_boxes, \
-    scan_windows
+from client.pipeline.windows import (
+    ScanParams,
+    WindowBatch,
+    apply_skip_rule,
+    group_boxes,
+    scan_windows,
+)
 from client.rpc import DetectionStream, PrivfaceClient
 from common import secure_cascade as sc
+from common.errors import MalformedInputError
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +125,9 @@ class SecureDetector:
         candidates = np.concatenate(rects) if rects else np.zeros((0, 4), np.int32)
         boxes = group_boxes(candidates, self.mode.params.min_neighbors,
                             (work.shape[1], work.shape[0]))
-        report.candidates = [tuple(int(v) for v in r) for r in candidates]
-        report.boxes = sorted(tuple(int(round(v / scale)) for v in b) for b in boxes)
+        report.candidates = [(int(x), int(y), int(w), int(h)) for x, y, w, h in candidates]
+        report.boxes = sorted((round(x / scale), round(y / scale), round(w / scale),
+                               round(h / scale)) for x, y, w, h in boxes)
         report.total_ms = (time.perf_counter() - start) * 1000
         report.phone_ms = report.total_ms - report.server_ms
         return report
@@ -147,7 +154,10 @@ class SecureDetector:
         if idx.size == 0:
             return result, resent
         order = self.rng.permutation(idx.size) if self.mode.shuffle else np.arange(idx.size)
-        dim = (self.key.prefix_key if prefix else self.key.key).cipher_dim
+        key = self.key.prefix_key if prefix else self.key.key
+        if key is None:
+            raise MalformedInputError("this product key has no prefix round")
+        dim = key.cipher_dim
         per_message = min(MAX_BATCH_WINDOWS, max(1, MAX_BATCH_BYTES // (
             dim * np.dtype(sc.DTYPES[encoding]).itemsize)))
         for i in range(0, idx.size, per_message):  # every message stays small
@@ -211,7 +221,7 @@ class _WindowSet:
         return int(self.low_contrast.size)
 
     @classmethod
-    def of(cls, batches: list[WindowBatch]) -> "_WindowSet":
+    def of(cls, batches: list[WindowBatch]) -> _WindowSet:
         if not batches:
             return cls(np.zeros((0, 0), np.uint8), np.zeros(0), np.zeros(0, bool),
                        np.zeros((0, 4), np.int32), ())

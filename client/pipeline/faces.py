@@ -6,6 +6,7 @@ returns encrypted squared distances, decrypted here. Decrypted values never go b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -86,11 +87,9 @@ def share_ckks_secret(client: PrivfaceClient, bundle: FamilyBundle) -> None:
     whose gallery predates sealed items)."""
     if bundle.ckks_secret is None or client.get_sealed_item(CKKS_ITEM)[0]:
         return
-    try:
+    with contextlib.suppress(VersionConflictError):  # shared meanwhile by another phone
         client.put_sealed_item(CKKS_ITEM, 0, sealed.seal(
             bundle.master_key, bundle.family_id, CKKS_ITEM, 1, bundle.ckks_secret))
-    except VersionConflictError:
-        pass  # shared meanwhile by another phone
 
 
 def add_faces(client: PrivfaceClient, bundle: FamilyBundle, slot: int,
@@ -129,8 +128,8 @@ def identify(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarra
     per_face: list[dict[int, tuple[np.ndarray, Sequence[int]]]] = [{} for _ in embeddings]
     for reply in client.match_faces(queries):
         slots = reply.position_slots
-        dist = ckks.decrypt_distances(secret, reply.ciphertext, len(slots))
-        per_face[reply.face][reply.block] = (dist, slots)
+        block_distances = ckks.decrypt_distances(secret, reply.ciphertext, len(slots))
+        per_face[reply.face][reply.block] = (block_distances, slots)
     matches = []
     for blocks in per_face:
         distances = np.concatenate([blocks[b][0] for b in sorted(blocks)]) if blocks else \

@@ -19,8 +19,7 @@ from typing import TypeVar
 from client.keystore import FamilyBundle, load_bundle, save_bundle
 from client.rpc import PrivfaceClient
 from common import aspe, labels, photo_crypto, sealed
-from common.errors import (DecryptionError, MalformedInputError, NotFoundError,
-                           VersionConflictError)
+from common.errors import DecryptionError, MalformedInputError, NotFoundError, VersionConflictError
 
 log = logging.getLogger(__name__)
 

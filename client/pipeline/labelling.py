@@ -105,7 +105,7 @@ def identify_faces(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.
     if bundle.ckks_secret is None:  # no gallery yet: every face is a stranger
         return [FoundFace(b, None, None, float("inf")) for b in boxes]
     matches = faces.identify(client, bundle, embeddings, tolerance)
-    return [FoundFace(b, m.name, m.slot, m.distance) for b, m in zip(boxes, matches)]
+    return [FoundFace(b, m.name, m.slot, m.distance) for b, m in zip(boxes, matches, strict=True)]
 
 
 def label_image(client: PrivfaceClient, bundle: FamilyBundle, rgb: np.ndarray,

@@ -18,8 +18,7 @@ from client.pipeline import labelling, photos, recognize
 from client.pipeline.labelling import PhotoLabelling, Progress
 from client.rpc import PrivfaceClient, ServerUnavailableError
 from common import ckks, labels
-from common.errors import AuthenticationError, MalformedInputError, NotFoundError, \
-    PrivfaceError
+from common.errors import AuthenticationError, MalformedInputError, NotFoundError, PrivfaceError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,13 @@ def collect_photos(paths: Iterable[str | Path], recursive: bool = False) -> list
         else:
             raise NotFoundError(f"no such photo or folder: {path}")
     seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+    unique = []
+    for p in out:
+        resolved = p.resolve()
+        if resolved not in seen:
+            seen.add(resolved)
+            unique.append(p)
+    return unique
 
 
 @dataclass(frozen=True)

@@ -64,13 +64,15 @@ def make_thumbnail(data: bytes) -> bytes:
 def encrypt_labels(bundle: FamilyBundle, slots: Iterable[int]) -> bytes:
     """E-LV: the photo's label vector, ASPE-encrypted, as float64 bytes."""
     vector = labels.label_vector(slots, bundle.capacity)
-    return aspe.encrypt_stored(bundle.label_key, vector)[0].astype("<f8").tobytes()
+    row: np.ndarray = aspe.encrypt_stored(bundle.label_key, vector)[0]
+    return row.astype("<f8").tobytes()
 
 
 def encrypt_query(bundle: FamilyBundle, slots: Iterable[int], mode: labels.MatchMode) -> bytes:
     """E-Q: the query vector (threshold folded in, fresh random scale), as float64 bytes."""
     vector = labels.query_vector(slots, bundle.capacity, mode)
-    return aspe.encrypt_query(bundle.label_key, vector)[0].astype("<f8").tobytes()
+    row: np.ndarray = aspe.encrypt_query(bundle.label_key, vector)[0]
+    return row.astype("<f8").tobytes()
 
 
 def backup_photo(client: PrivfaceClient, bundle: FamilyBundle, data: bytes,

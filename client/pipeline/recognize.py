@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import cv2
+import cv2.data
 import numpy as np
 
 from common.errors import MalformedInputError, NotFoundError
@@ -59,7 +60,8 @@ def _fr() -> ModuleType:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # face_recognition_models imports pkg_resources
         import face_recognition
-    return face_recognition
+    module: ModuleType = face_recognition  # untyped third-party package
+    return module
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
@@ -74,7 +76,7 @@ def load_rgb(path: str | Path) -> np.ndarray:
         with Image.open(p) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise MalformedInputError(f"{p} is too large ({im.width}x{im.height} pixels)")
-            upright = ImageOps.exif_transpose(im) or im
+            upright = ImageOps.exif_transpose(im)
             return np.ascontiguousarray(np.asarray(upright.convert("RGB"), dtype=np.uint8))
     except MalformedInputError:
         raise
@@ -116,7 +118,10 @@ def _shrunk(rgb: np.ndarray, long_side: int) -> tuple[np.ndarray, float]:
 
 
 def _scaled(boxes: Sequence[Box], scale: float, shape: tuple[int, ...]) -> list[Box]:
-    return _check_boxes([tuple(int(round(v / scale)) for v in b) for b in boxes], shape)
+    def back(v: int) -> int:
+        return round(v / scale)
+
+    return _check_boxes([(back(t), back(r), back(b), back(lf)) for t, r, b, lf in boxes], shape)
 
 
 def detect_faces(rgb: np.ndarray, upsample: int = 1) -> list[Box]:
@@ -201,7 +206,8 @@ def single_face_embedding(path: str | Path) -> np.ndarray:
         raise NoFaceError(f"no face found in {path}")
     if len(boxes) > 1:
         raise MultipleFacesError(f"{len(boxes)} faces found in {path}; exactly one is required")
-    return face_embeddings(img, boxes)[0]
+    embedding: np.ndarray = face_embeddings(img, boxes)[0]
+    return embedding
 
 
 def primary_face_embedding(path_or_rgb: str | Path | np.ndarray) -> np.ndarray:
@@ -221,4 +227,5 @@ def primary_face_embedding(path_or_rgb: str | Path | np.ndarray) -> np.ndarray:
         cy, cx = (top + bottom) / 2 - h / 2, (left + right) / 2 - w / 2
         return (-_area(b), cy * cy + cx * cx)
 
-    return face_embeddings(img, [min(boxes, key=key)])[0]
+    embedding: np.ndarray = face_embeddings(img, [min(boxes, key=key)])[0]
+    return embedding
