@@ -17,7 +17,9 @@ def authenticate(store: Store, context: grpc.ServicerContext) -> Family:
     metadata = dict(context.invocation_metadata())
     family_id = metadata.get(FAMILY_HEADER, "")
     auth = metadata.get(AUTH_HEADER, "")
-    if not family_id or not auth.startswith("Bearer "):
+    # (bytes values only come with "-bin" headers: never valid credentials)
+    if not isinstance(family_id, str) or not isinstance(auth, str) or not family_id \
+            or not auth.startswith("Bearer "):
         raise AuthenticationError(
             "missing credentials: send x-privface-family and authorization: Bearer <token>")
     return store.authenticate(family_id, auth[len("Bearer "):])

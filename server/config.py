@@ -42,7 +42,11 @@ def _env_default(name: str, default: object) -> object:
         return raw.lower() in ("1", "true", "yes")
     if isinstance(default, Path):
         return Path(raw)
-    return type(default)(raw)
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
 
 
 def parse_config(argv: list[str] | None = None) -> ServerConfig:

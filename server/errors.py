@@ -34,7 +34,7 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, cls):
             log.info("%s: %s", code.name, exc)
             context.abort(code, str(exc))
-    log.exception("internal error")
+    log.error("internal error", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error; the server log has details")
 
 
@@ -59,7 +59,7 @@ def grpc_errors(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, request, context)
         except errors.PrivfaceError as exc:
             _abort(context, exc)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # never leak a traceback as UNKNOWN
             if isinstance(exc, grpc.RpcError) or not context.is_active():
                 raise
             _abort(context, exc)

@@ -17,14 +17,20 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import (AlreadyExistsError, AuthenticationError, LimitExceededError,
-                           NotFoundError, PermissionDeniedError, PreconditionError,
-                           VersionConflictError)
+from common.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+    VersionConflictError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +170,7 @@ def legacy_device_id(family_id: str) -> str:
     return hashlib.sha256(b"privface/legacy-device/v1" + family_id.encode()).hexdigest()[:32]
 
 
-def write_file_atomically(path: Path, chunks: Iterator[bytes] | bytes) -> int:
+def write_file_atomically(path: Path, chunks: Iterable[bytes] | bytes) -> int:
     """Writes ``path`` durably: temp file, fsync, rename, fsync of the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -418,7 +424,7 @@ class Store:
                              "AND alive = 1", (family_id,)).fetchone()[0]
         return photos, entries
 
-    def store_public_context(self, family_id: str, chunks: Iterator[bytes] | bytes,
+    def store_public_context(self, family_id: str, chunks: Iterable[bytes] | bytes,
                              key_id: bytes) -> int:
         """Stores (or replaces) the family's public CKKS context file; returns its size.
 
@@ -493,7 +499,8 @@ class Store:
                         "blob_sha256, labels, thumbnail, created) VALUES (?,?,?,?,?,?,?,?)",
                         (family_id, photo_id, blob_file.name, blob_size, blob_sha256, labels,
                          thumbnail, time.time()))
-                    return int(cur.lastrowid), True
+                    assert cur.lastrowid is not None  # set by a successful INSERT
+                    return cur.lastrowid, True
         except BaseException:
             blob_file.unlink(missing_ok=True)
             raise
@@ -545,7 +552,7 @@ class Store:
     def gallery_layout(self, family_id: str) -> dict[int, list[int]]:
         """block -> slot per position (-1 for dead positions)."""
         layout: dict[int, list[int]] = {}
-        for block, position, slot, alive in self._db().execute(
+        for block, _position, slot, alive in self._db().execute(
                 "SELECT block, position, slot, alive FROM gallery_positions "
                 "WHERE family_id = ? ORDER BY block, position", (family_id,)):
             layout.setdefault(block, []).append(slot if alive else -1)
@@ -597,7 +604,8 @@ class Store:
     # -- detectors -----------------------------------------------------------------------
 
     def put_detector(self, detector_id: str, key_version: int, key_fp: bytes, header: bytes,
-                     matrix_chunks: Iterator[bytes], verify=None) -> int:
+                     matrix_chunks: Iterable[bytes],
+                     verify: Callable[[], None] | None = None) -> int:
         """Stores a detector's encrypted matrix file and header (replacing the same version).
 
         ``verify()`` runs once the file is durable and before the row commits; if it raises,

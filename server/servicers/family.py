@@ -14,8 +14,8 @@ from privface.v1 import family_pb2, family_pb2_grpc
 from server.auth import authenticate
 from server.config import ServerConfig
 from server.errors import grpc_errors
-from server.uploads import CheckedChunks, check_limit
 from server.storage import BAD_INVITE, Family, Store
+from server.uploads import CheckedChunks, check_limit
 
 log = logging.getLogger(__name__)
 
