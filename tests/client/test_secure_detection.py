@@ -23,12 +23,11 @@ import numpy as np
 import pytest
 
 from client import vendor
-from client.pipeline.detect import (DEFAULT, FAITHFUL, DetectionMode, SecureDetector,
-                                    working_image)
+from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector, working_image
 from client.rpc import PrivfaceClient, translate
 from common import errors
 from common import secure_cascade as sc
-from common.cascade import default_cascade_path, load_cascade
+from common.cascade import Cascade, default_cascade_path, load_cascade
 from privface.v1 import detection_pb2
 from server.app import vendor_token
 from server.config import ServerConfig
@@ -45,7 +44,7 @@ N_LFW = 30  # 250x250, fast
 
 @dataclasses.dataclass(frozen=True)
 class VendorMaterial:
-    cascade: object
+    cascade: Cascade
     key: sc.ProductKey
     enc: sc.EncryptedCascade
     header: detection_pb2.DetectorHeader
@@ -93,7 +92,7 @@ def _opencv_boxes(detector: SecureDetector, image: np.ndarray) -> list[tuple[int
     boxes = _opencv().detectMultiScale(work, scaleFactor=p.scale_factor,
                                        minNeighbors=p.min_neighbors, minSize=p.min_size,
                                        maxSize=p.max_size or (0, 0))
-    return sorted(tuple(int(round(v / scale)) for v in b) for b in np.reshape(boxes, (-1, 4)))
+    return sorted(tuple(round(v / scale) for v in b) for b in np.reshape(boxes, (-1, 4)))
 
 
 def _check_parity(client: PrivfaceClient, key: sc.ProductKey, paths: list[Path],
@@ -151,10 +150,12 @@ def test_faithful_parity_small_image(published, material) -> None:
     path = require_data("lfw", "images", "George_W_Bush", "George_W_Bush_0001.jpg")
     client, _ = published
     image = cv2.imread(str(path))
+    assert image is not None
     detector = SecureDetector(client, material.key, FAITHFUL)
     report = detector.detect(image)
-    expected = sorted(tuple(int(v) for v in b) for b in np.reshape(
-        _opencv().detectMultiScale(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)), (-1, 4)))
+    found = _opencv().detectMultiScale(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    expected = sorted((int(x), int(y), int(w), int(h))
+                      for x, y, w, h in np.asarray(found).reshape(-1, 4))
     assert expected and report.boxes == expected
     # Faithful: every position, once, float64, one round.
     assert report.windows_sent == report.positions
@@ -197,7 +198,8 @@ def _windows(key: sc.ProductKey, n: int, encoding=sc.Encoding.FLOAT32, seed: int
 def _batch(count: int, windows: bytes, encoding: int = sc.Encoding.FLOAT32, **kw
            ) -> detection_pb2.DetectFacesRequest:
     return detection_pb2.DetectFacesRequest(batch=detection_pb2.WindowBatch(
-        count=count, windows=windows, encoding=encoding,
+        # Raw wire values on purpose, invalid ones included (the stub types only names).
+        count=count, windows=windows, encoding=encoding,  # type: ignore[arg-type]
         kind=kw.pop("kind", detection_pb2.WINDOW_KIND_FULL), **kw))
 
 
@@ -218,7 +220,7 @@ def test_wrong_product_key_is_failed_precondition(published, material, which) ->
     exc = _raw_error(client, [_session(key.version, key.fingerprint()),
                               _batch(1, _windows(key, 1))])
     assert exc.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert names in exc.details()
+    assert names in str(exc.details())
     err = translate(exc, client.address)
     assert isinstance(err, errors.PreconditionError) and names in str(err)
 
@@ -227,7 +229,8 @@ def test_wrong_product_key_is_failed_precondition(published, material, which) ->
 def test_session_errors_through_secure_detector(published, material, which) -> None:
     if which == "unknown detector":
         key = dataclasses.replace(material.key, detector_id="no_such_detector")
-        expected, names = errors.NotFoundError, "no_such_detector"
+        expected: type[errors.PrivfaceError] = errors.NotFoundError
+        names = "no_such_detector"
     else:
         key, names = _other_keys(material)[which]
         expected = errors.PreconditionError
@@ -244,7 +247,7 @@ def test_unknown_detector_is_not_found(published, material) -> None:
                               _batch(1, _windows(key, 1))])
     assert exc.code() is grpc.StatusCode.NOT_FOUND
     assert isinstance(translate(exc, client.address), errors.NotFoundError)
-    assert "no_such_detector" in exc.details()
+    assert "no_such_detector" in str(exc.details())
 
 
 def test_valid_raw_batch_is_answered(published, material) -> None:
@@ -292,7 +295,7 @@ def test_malformed_batch_is_invalid_argument(published, material, case) -> None:
     exc = _raw_error(client, [_session(key.version, key.fingerprint()), batch])
     assert exc.code() is grpc.StatusCode.INVALID_ARGUMENT, exc.details()
     if case == "count above limit":
-        assert "8" in exc.details()
+        assert "8" in str(exc.details())
     # Within the limit the same key and windows are answered (the limit, not the data).
     if case == "count above limit":
         assert len(_run_raw(client, [_session(key.version, key.fingerprint()),

@@ -61,7 +61,7 @@ def _gray(path: Path, max_width: int = MAX_WIDTH) -> np.ndarray:
 
 
 def _as_set(rects) -> set[tuple[int, int, int, int]]:
-    return {tuple(int(v) for v in r) for r in np.asarray(rects).reshape(-1, 4)}
+    return {(int(x), int(y), int(w), int(h)) for x, y, w, h in np.asarray(rects).reshape(-1, 4)}
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ def test_server_value_has_the_sign_of_the_plaintext_product(dim: int, seed: int)
     stored = rng.integers(-5, 6, size=(20, dim)).astype(float)
     queries = rng.integers(-5, 6, size=(7, dim)).astype(float)
     truth = queries @ stored.T
-    got = aspe.evaluate(aspe.encrypt_stored(key, stored, rng), aspe.encrypt_query(key, queries, rng))
+    got = aspe.evaluate(aspe.encrypt_stored(key, stored, rng),
+                        aspe.encrypt_query(key, queries, rng))
     assert np.array_equal(np.sign(np.round(got, 6)), np.sign(truth))
     # Integer products are recovered up to the query's positive scale, zeros stay zeros.
     assert np.all(np.abs(got[truth == 0]) < 1e-8)

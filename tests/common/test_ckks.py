@@ -47,7 +47,7 @@ def _distances(secret, results, n):
 
 
 def test_security_bound_accepts_default_and_rejects_oversize():
-    assert ckks.DEFAULT_TOTAL_BITS <= ckks.SECURITY_BOUNDS_128[4096]
+    assert ckks.SECURITY_BOUNDS_128[4096] >= ckks.DEFAULT_TOTAL_BITS
     assert ckks.check_security(8192, [60, 40, 60]) == 160
     assert ckks.check_security(4096, [60, 49]) == 109
     with pytest.raises(ValueError, match="128-bit"):
@@ -120,7 +120,7 @@ def test_distances_match_numpy_multi_block_and_increment(secret, public):
     gallery = ckks.PreparedGallery(public, blocks)
     queries = [emb[3] + 0.02 * rng.normal(size=128), emb[E + 35], _unit_ish(rng, 1)[0]]
     results = gallery.match_many([ckks.encrypt_query(secret, q) for q in queries])
-    for q, res in zip(queries, results):
+    for q, res in zip(queries, results, strict=True):
         assert len(res) == 2
         got = _distances(secret, res, len(emb))
         want = np.linalg.norm(emb - q, axis=1)
@@ -130,7 +130,8 @@ def test_distances_match_numpy_multi_block_and_increment(secret, public):
     assert np.allclose(free, np.sum(queries[2] ** 2), atol=1e-3)
     # match_block on raw bytes gives the same as the prepared path
     one = ckks.match_block(public, blocks[0], ckks.encrypt_query(secret, queries[0]))
-    assert np.abs(ckks.decrypt_distances(secret, one) - np.linalg.norm(emb[:E] - queries[0], axis=1)).max() < 1e-4
+    want = np.linalg.norm(emb[:E] - queries[0], axis=1)
+    assert np.abs(ckks.decrypt_distances(secret, one) - want).max() < 1e-4
 
 
 def test_assign_nearest_and_dead_positions():
@@ -203,9 +204,9 @@ def test_tampered_ciphertext_raises_or_garbage(secret, public):
             # documented behaviour: the checksum makes every flipped payload byte raise
             with pytest.raises(ValueError, match="corrupted"):
                 if use == "block":
-                    ckks.match_block(public, block[:2] + [bad] + block[3:], query)
+                    ckks.match_block(public, [*block[:2], bad, *block[3:]], query)
                 elif use == "query":
-                    ckks.match_block(public, block, query[:1] + [bad] + query[2:])
+                    ckks.match_block(public, block, [*query[:1], bad, *query[2:]])
                 else:
                     ckks.decrypt_distances(secret, bad, 10)
     # header tampering (kind/index/key id) is rejected too
@@ -243,8 +244,8 @@ def test_tampered_payload_with_fixed_checksum_still_fails_or_is_garbage(secret, 
 def _lfw_pairs(n_each):
     lines = (LFW / "pairsDevTrain.txt").read_text().split("\n")
     n = int(lines[0])
-    same = [l.split("\t") for l in lines[1 : 1 + n]]
-    diff = [l.split("\t") for l in lines[1 + n : 1 + 2 * n]]
+    same = [line.split("\t") for line in lines[1 : 1 + n]]
+    diff = [line.split("\t") for line in lines[1 + n : 1 + 2 * n]]
 
     def img(name, i):
         return LFW / "images" / name / f"{name}_{int(i):04d}.jpg"
@@ -281,7 +282,7 @@ def test_lfw_decision_parity(secret, public):
     blocks = _encrypt_gallery(secret, public, gallery)
     prepared = ckks.PreparedGallery(public, blocks)
     agree = 0
-    for i, (a, b, same) in enumerate(usable):
+    for i, (_, b, same) in enumerate(usable):
         got = _distances(secret, prepared.match(ckks.encrypt_query(secret, b)), len(gallery))
         plain = np.linalg.norm(gallery - b, axis=1)
         assert np.abs(got**2 - plain**2).max() < 1e-4  # squared: sqrt amplifies noise at 0

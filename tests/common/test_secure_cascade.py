@@ -29,7 +29,9 @@ def encrypted(key) -> sc.EncryptedCascade:
 def windows() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Evaluable windows of a real photo with their plaintext rejection stages."""
     path = require_data("photos", "dlib_examples_group", "2008_002506.jpg")
-    gray = cv2.resize(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), (240, 180))
+    photo = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    assert photo is not None
+    gray = cv2.resize(photo, (240, 180))
     pixels, nfs = [], []
     for batch in scan_windows(gray, CASCADE, ScanParams()):
         ok = ~batch.low_contrast

@@ -20,8 +20,7 @@ from common.errors import AuthenticationError, PreconditionError
 from privface.v1 import faces_pb2, faces_pb2_grpc, family_pb2, family_pb2_grpc
 from server.app import create_server
 from server.config import ServerConfig
-from server.storage import (DEFAULT_INVITE_TTL, MAX_INVITE_TTL, Store, hash_token,
-                            legacy_device_id)
+from server.storage import DEFAULT_INVITE_TTL, MAX_INVITE_TTL, Store, hash_token, legacy_device_id
 
 SEALED_LIMIT = 64 * 1024
 PHONE_A = "a" * 32
@@ -135,7 +134,7 @@ def test_invite_join_gives_a_new_working_token(stub) -> None:
     err = rpc_error(stub.JoinFamily, family_pb2.JoinFamilyRequest(
         family_id=family_id, invite_token=inv.invite_token, device_id=PHONE_C))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "unknown, used or expired" in err.details()
+    assert "unknown, used or expired" in str(err.details())
     # An invitation works for its own family only; a made-up one is refused alike.
     other_id, _ = register(stub)
     fresh = invite(stub, md_a)
@@ -192,7 +191,8 @@ def test_revoked_device_is_refused_and_the_others_still_work(stub) -> None:
                       timeout=10)
     err = rpc_error(stub.GetFamily, family_pb2.GetFamilyRequest(), metadata=md_b)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "revoked by the family" in err.details() and "join again" in err.details()
+    details = str(err.details())
+    assert "revoked by the family" in details and "join again" in details
     err = rpc_error(stub.GetSealedItem, family_pb2.GetSealedItemRequest(name="roster"),
                     metadata=md_b)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -215,7 +215,7 @@ def test_revoke_errors(stub) -> None:
     err = rpc_error(stub.RevokeDevice, family_pb2.RevokeDeviceRequest(device_id=PHONE_A),
                     metadata=md_a)
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "another phone" in err.details()
+    assert "another phone" in str(err.details())
     err = rpc_error(stub.RevokeDevice, family_pb2.RevokeDeviceRequest(device_id=PHONE_C),
                     metadata=md_a)
     assert err.code() == grpc.StatusCode.NOT_FOUND
@@ -277,7 +277,8 @@ def test_sealed_item_compare_and_set(stub) -> None:
     err = rpc_error(stub.PutSealedItem, family_pb2.PutSealedItemRequest(
         name="roster", expected_version=0, data=b"stale"), metadata=md_b)
     assert err.code() == grpc.StatusCode.ABORTED
-    assert "changed on another phone" in err.details() and "version 1" in err.details()
+    details = str(err.details())
+    assert "changed on another phone" in details and "version 1" in details
     assert get(md_b) == (1, b"first")
     assert put(md_b, 1, b"second") == 2
     assert get(md_a) == (2, b"second")
@@ -308,7 +309,7 @@ def test_another_familys_token_cannot_read_sealed_items(stub) -> None:
     family_id, md = register(stub)
     stub.PutSealedItem(family_pb2.PutSealedItemRequest(
         name="roster", expected_version=0, data=b"family one"), metadata=md, timeout=10)
-    other_id, other_md = register(stub)
+    _, other_md = register(stub)
     other_token = other_md[1][1][len("Bearer "):]
     err = rpc_error(stub.GetSealedItem, family_pb2.GetSealedItemRequest(name="roster"),
                     metadata=meta(family_id, other_token))
@@ -361,7 +362,7 @@ def test_public_context_replacement_refused_while_a_gallery_exists(
     with pytest.raises(grpc.RpcError) as info:
         upload_context(stub, md, ckks.public_context_bytes(first))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "already has CKKS keys" in info.value.details()
+    assert "already has CKKS keys" in str(info.value.details())
     assert key_id() == second.key_id
     # Dead positions still hold ciphertexts under the family's keys: still refused.
     faces_stub.RemoveGallerySlot(faces_pb2.RemoveGallerySlotRequest(slot=0), metadata=md,

@@ -34,7 +34,7 @@ def test_enroll_identify_remove(family, lfw_embeddings) -> None:
     assert faces.gallery_counts(client) == {bundle.slot_of(p): 2 for p in PEOPLE[:3]}
     probes = np.array([lfw_embeddings[p][2] for p in PEOPLE])
     matches = faces.identify(client, bundle, probes)
-    assert [m.name for m in matches] == PEOPLE[:3] + [None]
+    assert [m.name for m in matches] == [*PEOPLE[:3], None]
     # Encrypted distances agree with plaintext ones.
     gallery = np.concatenate([lfw_embeddings[p][:2] for p in PEOPLE[:3]])
     plain = np.linalg.norm(gallery[None, :, :] - probes[:, None, :], axis=2).min(axis=1)

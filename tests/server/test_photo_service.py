@@ -17,8 +17,13 @@ from client.pipeline import photos as pipeline
 from client.pipeline.family import create_family
 from client.rpc import Credentials, PrivfaceClient, ServerUnavailableError
 from common import labels
-from common.errors import (AuthenticationError, PreconditionError, LimitExceededError,
-                           MalformedInputError, NotFoundError)
+from common.errors import (
+    AuthenticationError,
+    LimitExceededError,
+    MalformedInputError,
+    NotFoundError,
+    PreconditionError,
+)
 from privface.v1 import photos_pb2
 from tests.conftest import require_data
 
@@ -123,9 +128,9 @@ def test_precise_errors(family, address) -> None:
     client, bundle = family
     fp = bundle.label_key.fingerprint()
     labels_ct = pipeline.encrypt_labels(bundle, [0])
-    with PrivfaceClient(address, Credentials(bundle.family_id, "wrong-token")) as bad:
-        with pytest.raises(AuthenticationError):
-            bad.list_photos()
+    with PrivfaceClient(address, Credentials(bundle.family_id, "wrong-token")) as bad, \
+            pytest.raises(AuthenticationError):
+        bad.list_photos()
     with pytest.raises(MalformedInputError, match="32 lowercase hex"):
         client.backup_photo("not-an-id", b"x", labels_ct, fp)
     with pytest.raises(MalformedInputError, match="float64"):
@@ -181,9 +186,9 @@ def test_health_and_unreachable_server(address) -> None:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="privface.v1.PhotoService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    with PrivfaceClient("127.0.0.1:1", config=ClientConfig(timeout=2)) as dead:
-        with pytest.raises(ServerUnavailableError, match="is privface-server running"):
-            dead.register_family(b"\0" * 16, 34)
+    with PrivfaceClient("127.0.0.1:1", config=ClientConfig(timeout=2)) as dead, \
+            pytest.raises(ServerUnavailableError, match="is privface-server running"):
+        dead.register_family(b"\0" * 16, 34)
 
 
 def test_real_photos_round_trip(family) -> None:
