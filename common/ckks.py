@@ -151,6 +151,8 @@ class CKKSParams:
 
     def __post_init__(self) -> None:
         check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
+        if self.scale_bits < 1:
+            raise ValueError(f"scale 2^{self.scale_bits} must be at least 2^1")
         data_bits = list(self.coeff_mod_bit_sizes[:-1])
         if self.rescale:
             # product scale 2^(2s) / last data prime ~ 2^s must fit the remaining primes
@@ -246,7 +248,9 @@ class _Base:
         parms = self._seal.key_context_data().parms()
         self.poly_modulus_degree = int(parms.poly_modulus_degree())
         self.coeff_mod_bit_sizes = tuple(m.bit_count() for m in parms.coeff_modulus())
-        check_security(self.poly_modulus_degree, self.coeff_mod_bit_sizes)
+        # Re-checked on every load, whatever the header says: 128-bit security of the
+        # parameters SEAL actually holds, and a scale whose square fits the modulus.
+        CKKSParams(self.poly_modulus_degree, self.coeff_mod_bit_sizes, self.scale_bits)
         self._rescale = len(self.coeff_mod_bit_sizes) >= 3
         if self.layout.slots != self.poly_modulus_degree // 2:
             raise ValueError(
@@ -510,11 +514,16 @@ def _unwrap(ctx: _Base, data: object, kind: int, index: int | None) -> SealObjec
         raise ValueError(f"malformed SEAL ciphertext: {exc}") from exc
     if ct.size() != 2:
         raise ValueError(f"ciphertext has size {ct.size()}, expected 2")
+    scale = float(ct.scale)
+    # (NaN compares false with everything: without this a NaN scale passed the check
+    # below, was stored, and broke SEAL's arithmetic on every later match)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"ciphertext scale {scale!r} is not a finite positive number")
     if kind in (KIND_GALLERY, KIND_QUERY):
         if ct.parms_id() != ctx._first_parms_id:
             raise ValueError("fresh ciphertext is not at the top data level")
-        if abs(math.log2(ct.scale) - ctx.scale_bits) > 1e-6:
-            raise ValueError(f"ciphertext scale 2^{math.log2(ct.scale):.2f} unexpected")
+        if abs(math.log2(scale) - ctx.scale_bits) > 1e-6:
+            raise ValueError(f"ciphertext scale 2^{math.log2(scale):.2f} unexpected")
     return ct
 
 
