@@ -23,6 +23,7 @@ from privface.v1 import (
     photos_pb2_grpc,
 )
 from server.config import ServerConfig
+from server.decoding import RequestDecodingInterceptor
 from server.detection import DetectorRegistry
 from server.gallery import GalleryService
 from server.label_index import LabelSearch
@@ -50,7 +51,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                         options=options)
+                         options=options, interceptors=[RequestDecodingInterceptor()])
     gallery = GalleryService(store)
     family_pb2_grpc.add_FamilyServiceServicer_to_server(
         FamilyServicer(store, config, on_context_change=gallery.forget), server)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import secure_cascade as sc
-from common.errors import KeyMismatchError, MalformedInputError, NotFoundError
+from common.errors import (
+    KeyMismatchError,
+    MalformedInputError,
+    NotFoundError,
+    PreconditionError,
+)
 from privface.v1 import detection_pb2
 from server.storage import Store
 from server.uploads import CheckedChunks, check_limit
@@ -21,6 +28,10 @@ log = logging.getLogger(__name__)
 MAX_STAGES = 256
 MAX_WEAK = 100_000
 MAX_CIPHER_DIM = 20_000
+MAX_WINDOW_SIDE = 1024
+DETECTOR_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+WINDOW_KINDS = (detection_pb2.WINDOW_KIND_UNSPECIFIED, detection_pb2.WINDOW_KIND_FULL,
+                detection_pb2.WINDOW_KIND_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -32,9 +43,17 @@ class BatchResult:
 
 
 def validate_header(header: detection_pb2.DetectorHeader) -> tuple[int, int]:
-    """Checks a detector header's structure; returns (full, prefix) matrix byte sizes."""
-    if not header.detector_id or len(header.detector_id) > 64:
-        raise MalformedInputError("detector_id must have 1..64 characters")
+    """Checks every field of a detector header; returns (full, prefix) matrix byte sizes.
+
+    Whatever passes here must evaluate: a published detector that cannot be loaded would
+    break every DetectFaces on it."""
+    if not DETECTOR_ID_RE.fullmatch(header.detector_id):
+        raise MalformedInputError("detector_id must be 1..64 letters, digits, '.', '_' or '-', "
+                                  "starting with a letter or digit")
+    if not (1 <= header.window_width <= MAX_WINDOW_SIDE
+            and 1 <= header.window_height <= MAX_WINDOW_SIDE):
+        raise MalformedInputError(f"window_width and window_height must be within "
+                                  f"1..{MAX_WINDOW_SIDE}")
     if not 1 <= len(header.stages) <= MAX_STAGES:
         raise MalformedInputError(f"a detector needs 1..{MAX_STAGES} stages")
     weak = sum(s.weak_count for s in header.stages)
@@ -43,6 +62,11 @@ def validate_header(header: detection_pb2.DetectorHeader) -> tuple[int, int]:
     for i, stage in enumerate(header.stages):
         if not (stage.weak_count == len(stage.left_values) == len(stage.right_values)):
             raise MalformedInputError(f"stage {i}: weak_count and leaf value counts differ")
+        if stage.weak_count == 0:
+            raise MalformedInputError(f"stage {i} has no weak classifier")
+        if not (math.isfinite(stage.threshold) and np.all(np.isfinite(stage.left_values))
+                and np.all(np.isfinite(stage.right_values))):
+            raise MalformedInputError(f"stage {i}: threshold and leaf values must be finite")
     if not 1 <= header.ciphertext_dim <= MAX_CIPHER_DIM:
         raise MalformedInputError(f"ciphertext_dim must be within 1..{MAX_CIPHER_DIM}")
     if len(header.key_fingerprint) != 16 or len(header.matrix_sha256) != 32:
@@ -52,8 +76,13 @@ def validate_header(header: detection_pb2.DetectorHeader) -> tuple[int, int]:
     if header.prefix_stages:
         if header.prefix_stages >= len(header.stages):
             raise MalformedInputError("prefix_stages must be fewer than the stages")
+        if not 1 <= header.prefix_ciphertext_dim <= MAX_CIPHER_DIM:
+            raise MalformedInputError(f"a detector with prefix stages needs a "
+                                      f"prefix_ciphertext_dim within 1..{MAX_CIPHER_DIM}")
         prefix_weak = sum(s.weak_count for s in header.stages[:header.prefix_stages])
         prefix = prefix_weak * header.prefix_ciphertext_dim * 8
+    elif header.prefix_ciphertext_dim:
+        raise MalformedInputError("prefix_ciphertext_dim must be 0 without prefix stages")
     if header.matrix_size != full + prefix or header.prefix_matrix_size != prefix:
         raise MalformedInputError(
             f"matrix_size {header.matrix_size} does not match the structure: expected "
@@ -129,8 +158,13 @@ class DetectorRegistry:
             cascade = self._cache.get((detector_id, key_version))
             if cascade is None:
                 _, header, path = self.store.get_detector(detector_id, key_version)
-                cascade = cascade_from_header(detection_pb2.DetectorHeader.FromString(header),
-                                              path.read_bytes())
+                try:
+                    cascade = cascade_from_header(
+                        detection_pb2.DetectorHeader.FromString(header), path.read_bytes())
+                except ValueError as exc:  # published before the header checks were complete
+                    raise PreconditionError(
+                        f"detector {detector_id!r} v{key_version} is stored but unusable "
+                        f"({exc}): ask the vendor to publish it again") from exc
                 self._cache[(detector_id, key_version)] = cascade
         return cascade
 
@@ -139,6 +173,8 @@ class DetectorRegistry:
         """DC on one batch of encrypted windows: one outcome byte per window."""
         if not 1 <= batch.count <= self.max_window_batch:
             raise MalformedInputError(f"a window batch holds 1..{self.max_window_batch} windows")
+        if batch.kind not in WINDOW_KINDS:
+            raise MalformedInputError(f"unknown window kind {batch.kind}")
         prefix = batch.kind == detection_pb2.WINDOW_KIND_PREFIX
         if prefix and not cascade.prefix_stages:
             raise MalformedInputError("this detector has no prefix round")

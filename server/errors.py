@@ -29,10 +29,21 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
 ]
 
 
+MAX_LOGGED_CHARS = 500
+
+
+def printable(text: str) -> str:
+    """``text`` safe for one log line: control and other unprintable characters escaped
+    (a client-chosen string can never start a forged line), cut at MAX_LOGGED_CHARS."""
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                  for ch in text[:MAX_LOGGED_CHARS])
+    return out + "..." if len(text) > MAX_LOGGED_CHARS else out
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     for cls, code in STATUS_OF:
         if isinstance(exc, cls):
-            log.info("%s: %s", code.name, exc)
+            log.info("%s: %s", code.name, printable(str(exc)))
             context.abort(code, str(exc))
     log.error("internal error", exc_info=exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error; the server log has details")

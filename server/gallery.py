@@ -12,11 +12,33 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from common import ckks
+from common import ckks, labels
 from common.errors import MalformedInputError, NotFoundError, PreconditionError
 from server.storage import Family, Store
 
 MAX_FACES_PER_QUERY = 64
+INT32_MAX = 2**31 - 1  # responses carry position slots as int32 (-1 = dead)
+
+
+def slot_limit(family: Family) -> int:
+    """Slots are 0..slot_limit - 1: fewer than the family's capacity can be, given its label
+    ciphertext dimension (2 x (capacity + 1 + 2 x noise dims), see common/labels.py)."""
+    return min(labels.MAX_CAPACITY, max(family.label_dim // 2 - 1, 0))
+
+
+def check_slots(family: Family, slots: list[int]) -> None:
+    """INVALID_ARGUMENT for a slot the family cannot have (it would be stored, then break
+    every gallery response of the family)."""
+    limit = slot_limit(family)
+    bad = next((s for s in slots if not 0 <= s < limit), None)
+    if bad is not None:
+        raise MalformedInputError(f"slot {bad} is outside this family's slots 0..{limit - 1}")
+
+
+def _visible(slots: list[int]) -> list[int]:
+    """Position slots as responses carry them: a slot stored by an older server outside
+    int32 shows as dead (-1) instead of failing every response."""
+    return [s if -1 <= s <= INT32_MAX else -1 for s in slots]
 
 
 def pack_ciphertexts(items: list[bytes]) -> bytes:
@@ -91,11 +113,15 @@ class GalleryService:
     def layout(self, family: Family) -> tuple[ckks.GalleryLayout, dict[int, list[int]]]:
         """The packing layout and each block's position slots (-1 = dead)."""
         gallery = self._gallery(family)
-        return gallery.public.layout, self.store.gallery_layout(family.family_id)
+        return gallery.public.layout, self._layout(family.family_id)
+
+    def _layout(self, family_id: str) -> dict[int, list[int]]:
+        return {b: _visible(slots) for b, slots in self.store.gallery_layout(family_id).items()}
 
     def add_entries(self, family: Family, slot: int, block: int, first_position: int,
                     count: int, ciphertexts: list[bytes]) -> int:
         """Adds ``count`` encrypted entries at the next free positions of ``block``."""
+        check_slots(family, [slot])
         gallery = self._gallery(family)
         lay = gallery.public.layout
         with gallery.lock:
@@ -136,7 +162,7 @@ class GalleryService:
         data = self.store.gallery_block(family.family_id, block)
         if data is None:
             raise NotFoundError(f"the gallery has no block {block}")
-        return unpack_ciphertexts(data), self.store.gallery_layout(family.family_id)[block]
+        return unpack_ciphertexts(data), self._layout(family.family_id)[block]
 
     def replace(self, family: Family, expected_positions: int,
                 blocks: list[tuple[list[bytes], list[int]]]) -> int:
@@ -147,6 +173,7 @@ class GalleryService:
         for i, (cts, slots) in enumerate(blocks):
             if not 1 <= len(slots) <= per_block:
                 raise MalformedInputError(f"block {i} must hold 1..{per_block} entries")
+            check_slots(family, slots)
             try:
                 prepared.append(ckks.prepare_block(gallery.public, cts))
             except ValueError as exc:
@@ -169,7 +196,7 @@ class GalleryService:
         if not 1 <= len(faces) <= MAX_FACES_PER_QUERY:
             raise MalformedInputError(f"send 1..{MAX_FACES_PER_QUERY} faces per call")
         gallery = self._gallery(family)
-        layout = self.store.gallery_layout(family.family_id)
+        layout = self._layout(family.family_id)
         if not layout:
             raise PreconditionError("the family gallery is empty: enroll members first")
         try:

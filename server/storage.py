@@ -34,7 +34,7 @@ from common.errors import (
 
 log = logging.getLogger(__name__)
 
-PHOTO_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+PHOTO_ID_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch: `$` would allow a "\n"
 
 DEFAULT_INVITE_TTL = 24 * 3600.0
 MAX_INVITE_TTL = 7 * 24 * 3600.0

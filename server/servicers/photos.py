@@ -33,7 +33,7 @@ MODES = {
 
 
 def _check_photo_id(photo_id: str) -> None:
-    if not PHOTO_ID_RE.match(photo_id):
+    if not PHOTO_ID_RE.fullmatch(photo_id):
         raise MalformedInputError("photo_id must be 32 lowercase hex characters")
 
 
