@@ -1,0 +1,145 @@
+"""State over time: what a family does after its first search or match must show in the
+next one (the server keeps its label index and prepared gallery in memory)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from client.keystore import FamilyBundle
+from client.pipeline import faces
+from client.pipeline import photos as pipeline
+from client.rpc import PrivfaceClient
+from common import labels
+from common.errors import NotFoundError
+from server.label_index import FamilyLabelIndex
+from tests.conftest import connect, enroll_embeddings
+
+ALL, ANY, RANKED = labels.MatchMode.ALL, labels.MatchMode.ANY, labels.MatchMode.RANKED
+
+
+def _photo(tag: str) -> bytes:
+    """A small decodable PNG, distinct per tag."""
+    import cv2
+    seed = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:4], "little")
+    ok, png = cv2.imencode(".png", np.random.default_rng(seed).integers(
+        0, 255, size=(24, 32, 3), dtype=np.uint8))
+    assert ok
+    return bytes(png.tobytes())
+
+
+def search(client: PrivfaceClient, bundle: FamilyBundle, names: list[str],
+           mode: labels.MatchMode = ALL, top_n: int = 0) -> list[str]:
+    ids, _ = pipeline.search_photos(client, bundle, [bundle.slot_of(n) for n in names], mode,
+                                    top_n)
+    return ids
+
+
+def backup(client: PrivfaceClient, bundle: FamilyBundle, tag: str, names: list[str]) -> str:
+    return pipeline.backup_photo(client, bundle, _photo(tag),
+                                 [bundle.slot_of(n) for n in names]).photo_id
+
+
+def test_search_follows_backups_made_after_the_first_search(family, address) -> None:
+    client, bundle = family
+    first = backup(client, bundle, "first", ["Mum"])
+    assert search(client, bundle, ["Mum"]) == [first]  # loads the family's label index
+    assert search(client, bundle, ["Tom"]) == []
+    second = backup(client, bundle, "second", ["Mum", "Tom"])
+    assert search(client, bundle, ["Mum"]) == [second, first]  # newest first
+    assert search(client, bundle, ["Mum", "Tom"]) == [second]
+    assert search(client, bundle, ["Tom"]) == [second]
+    third = backup(client, bundle, "third", ["Tom", "Dad"])
+    assert set(search(client, bundle, ["Mum", "Dad"], ANY)) == {first, second, third}
+    assert search(client, bundle, ["Mum", "Tom", "Dad"], RANKED, 1) in ([second], [third])
+    # Another connection (another phone of the family) sees the same state.
+    with connect(address, bundle) as other:
+        assert search(other, bundle, ["Tom"]) == [third, second]
+        fourth = backup(other, bundle, "fourth", ["Tom"])
+    assert search(client, bundle, ["Tom"]) == [fourth, third, second]
+
+
+def test_search_follows_deletes_made_after_the_first_search(family) -> None:
+    client, bundle = family
+    ids = [backup(client, bundle, f"p{i}", ["Mum", "Tom"] if i % 2 else ["Mum"])
+           for i in range(5)]
+    assert search(client, bundle, ["Mum"]) == ids[::-1]
+    client.delete_photo(ids[1])
+    client.delete_photo(ids[4])
+    assert search(client, bundle, ["Mum"]) == [ids[3], ids[2], ids[0]]
+    assert search(client, bundle, ["Mum", "Tom"]) == [ids[3]]
+    ranked = search(client, bundle, ["Mum", "Tom"], RANKED, 5)  # any of them, best first
+    assert ranked[0] == ids[3] and sorted(ranked[1:]) == sorted([ids[2], ids[0]])
+    with pytest.raises(NotFoundError):
+        client.fetch_photo(ids[1])
+    # The same photo backed up again comes back, as the newest.
+    again = backup(client, bundle, "p1", ["Mum", "Tom"])
+    assert again == ids[1]
+    assert search(client, bundle, ["Mum", "Tom"]) == [ids[1], ids[3]]
+    for photo_id in client.list_photos():
+        client.delete_photo(photo_id)
+    assert search(client, bundle, ["Mum"]) == []
+    assert client.list_photos() == []
+
+
+def test_label_index_compaction_keeps_every_result() -> None:
+    """Deletes leave tombstones, compacted once more than half the rows are dead; results
+    and their order must not change across a compaction, nor with rows added after it."""
+    index = FamilyLabelIndex(2)
+    hit, miss = np.array([1.0, 0.0]).tobytes(), np.array([-1.0, 0.0]).tobytes()
+    rows = [(f"{i:032x}", hit if i % 3 else miss) for i in range(1500)]
+    index.add_many(rows)
+    query = np.array([1.0, 0.0])
+    expected = [pid for pid, blob in rows if blob == hit][::-1]
+    assert index.search(query, ALL, 0).photo_ids == expected
+    removed = {pid for pid, _ in rows[:1000]}
+    for pid in sorted(removed):
+        index.remove(pid)
+    assert len(index) == 500
+    expected = [pid for pid in expected if pid not in removed]
+    assert index.search(query, ALL, 0).photo_ids == expected
+    index.add_many([(f"{i:032x}", hit) for i in range(5000, 5003)] + [(rows[-1][0], miss)])
+    later = [f"{i:032x}" for i in range(5002, 4999, -1)]
+    assert index.search(query, ALL, 0).photo_ids == later + expected
+    oldest_first = (later + expected)[::-1]  # equal scores: ranked keeps upload order
+    assert index.search(query, RANKED, 2).photo_ids == oldest_first[:2]
+    index.remove(later[0])
+    assert index.search(query, ALL, 0).photo_ids == later[1:] + expected
+
+
+def _members(rng: np.random.Generator, names: list[str], per: int) -> dict[str, np.ndarray]:
+    """Random unit embeddings, ``per`` per member, far apart from other members'."""
+    out = {}
+    for name in names:
+        centre = rng.standard_normal(128)
+        centre /= np.linalg.norm(centre)
+        faces_ = centre + 0.02 * rng.standard_normal((per, 128))
+        out[name] = faces_ / np.linalg.norm(faces_, axis=1, keepdims=True)
+    return out
+
+
+def test_member_removal_then_identify_then_re_enrolment(family) -> None:
+    """identify -> remove a member -> identify -> re-pack -> identify -> enrol again:
+    each match sees the gallery as it is now (the server caches prepared blocks)."""
+    client, bundle = family
+    faces.ensure_ckks_keys(client, bundle)
+    people = _members(np.random.default_rng(11), ["Ann", "Ben", "Cat"], 4)
+    for name, emb in people.items():
+        enroll_embeddings(client, bundle, name, emb[:3])
+    probes = np.vstack([people[n][3] for n in ("Ann", "Ben", "Cat")])
+
+    def names() -> list[str | None]:
+        return [m.name for m in faces.identify(client, bundle, probes)]
+    assert names() == ["Ann", "Ben", "Cat"]
+    client.remove_gallery_slot(bundle.remove_member("Ben"))
+    assert names() == ["Ann", None, "Cat"]
+    assert faces.compact(client, bundle) == (9, 6)
+    assert names() == ["Ann", None, "Cat"]
+    enroll_embeddings(client, bundle, "Ben", people["Ben"][:1])
+    assert names() == ["Ann", "Ben", "Cat"]
+    client.remove_gallery_slot(bundle.remove_member("Ann"))
+    client.remove_gallery_slot(bundle.remove_member("Cat"))
+    assert names() == [None, "Ben", None]
+    assert faces.gallery_counts(client) == {bundle.slot_of("Ben"): 1}
