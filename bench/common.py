@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmark scripts: timing, tables, JSON output."""
+"""Small helpers shared by the benchmark scripts: timing, tables, JSON output, an
+in-process server."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
+    from client.config import ClientConfig
 
 
 def median_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -21,6 +28,38 @@ def median_ms(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """An in-process server and what its clients need."""
+
+    server: grpc.Server
+    address: str
+    client_config: ClientConfig  # trusts the server's development CA
+    vendor_token: str
+
+    def stop(self) -> None:
+        """Stops the server at once."""
+        self.server.stop(0).wait()
+
+
+def start_local_server(data_dir: Path) -> LocalServer:
+    """A privface server in this process on 127.0.0.1, port 0, serving TLS with a
+    development certificate made in ``data_dir``/tls, as a deployment would: the measured
+    traffic is encrypted."""
+    from client.config import ClientConfig
+    from server.app import create_server, vendor_token
+    from server.config import ServerConfig
+    from server.tls import write_dev_certs
+
+    certs = write_dev_certs(data_dir / "tls")
+    config = ServerConfig(host="127.0.0.1", port=0, data_dir=data_dir,
+                          tls_cert=certs.server_cert, tls_key=certs.server_key)
+    server, port, _ = create_server(config)
+    server.start()
+    return LocalServer(server, f"127.0.0.1:{port}", ClientConfig(tls_ca=certs.ca),
+                       vendor_token(config))
 
 
 def print_table(headers: list[str], rows: list[list[Any]]) -> None:

@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import client.pipeline.detect as detect_mod  # noqa: E402
-from bench.common import median_ms, print_table, write_json  # noqa: E402
+from bench.common import median_ms, print_table, start_local_server, write_json  # noqa: E402
 from client import rpc as rpc_mod  # noqa: E402
 from client import vendor  # noqa: E402
 from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector, working_image  # noqa: E402
@@ -73,8 +73,6 @@ from client.pipeline.windows import (  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
 from common.cascade import default_cascade_path, load_cascade  # noqa: E402
-from server.app import create_server, vendor_token  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 SIZES = {640: (640, 480), 1280: (1280, 960)}
@@ -490,14 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     start_all = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="detect_bench_") as tmp:
-        config = ServerConfig(host="127.0.0.1", port=0, data_dir=Path(tmp) / "server")
-        server, port, _ = create_server(config)
-        server.start()
+        local = start_local_server(Path(tmp) / "server")
         try:
-            with PrivfaceClient(f"127.0.0.1:{port}") as client:
+            with PrivfaceClient(local.address, config=local.client_config) as client:
                 cascade = load_cascade()
                 key = sc.generate_product_key("frontalface_alt", cascade)
-                vendor.publish(client, cascade, key, vendor_token(config))
+                vendor.publish(client, cascade, key, local.vendor_token)
                 create_family(client)
                 info = client.list_detectors()[0]
                 meter = Meter()
@@ -526,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                                if "faithful" in row else "")
                             + f" ({time.perf_counter() - t0:.1f} s)")
         finally:
-            server.stop(0).wait()
+            local.stop()
 
     figures: dict[str, Any] = {"photos": len(photos), "cipher_dim": ctx["cipher_dim"],
                                "max_batch_bytes": detect_mod.MAX_BATCH_BYTES,

@@ -25,6 +25,16 @@ class ClientConfig:
     max_message_bytes: int = 64 * MIB  # above the server's 32 MiB so its limit decides
     chunk_bytes: int = 1 * MIB
     detection_mode: str = "default"  # "default" or "faithful" (see pipeline/detect.py)
+    # Transport security: the server's certificate must chain to tls_ca (PEM); for mutual TLS
+    # this phone also presents tls_client_cert/tls_client_key (names distinct from the
+    # server's PRIVFACE_TLS_CERT/KEY, so one shell can hold both). Plaintext only with
+    # insecure=True. tls_server_name: the name to check in the certificate instead of the
+    # host in the address (an IP the certificate does not list).
+    tls_ca: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    tls_server_name: str = ""
+    insecure: bool = False
 
     def server_or(self, fallback: str) -> str:
         """The configured server, else ``fallback`` (the bundle's), else the default."""
@@ -44,7 +54,7 @@ class ClientConfig:
 
 
 def _convert(default: object, raw: str) -> object:
-    if isinstance(default, Path):
+    if default is None or isinstance(default, Path):  # the optional settings are file paths
         return Path(raw).expanduser()
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes")

@@ -6,9 +6,12 @@ Nothing here sees a key: callers pass ciphertexts in and get ciphertexts out.
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -27,6 +30,8 @@ from privface.v1 import (
     photos_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
+
 CLIENT_VERSION = "privface/0.2"
 
 T = TypeVar("T")
@@ -40,6 +45,10 @@ _MODE_TO_PROTO = {
 
 class ServerUnavailableError(errors.PrivfaceError):
     """The server cannot be reached."""
+
+
+class TransportSecurityError(errors.PrivfaceError):
+    """No usable TLS settings, or the TLS handshake with the server failed."""
 
 
 _ERROR_OF = {
@@ -62,9 +71,44 @@ class RemoteError(errors.PrivfaceError):
         self.code = code
 
 
-def translate(exc: grpc.RpcError, address: str) -> errors.PrivfaceError:
-    """A domain error for a gRPC failure (keeps the server's message)."""
+_TLS_FAILURE = re.compile(r"tls handshake|ssl|certificate|hostname verification", re.I)
+_TLS_HINTS = (
+    ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not signed by the CA this "
+     "client trusts (--tls-ca, PRIVFACE_TLS_CA)"),
+    ("WRONG_VERSION_NUMBER", "the server does not speak TLS (was it started with "
+     "--insecure?)"),
+    ("Hostname Verification", "the server's certificate does not name the host in the "
+     "address: connect by a name it lists, or set PRIVFACE_TLS_SERVER_NAME"),
+)
+
+
+def _tls_failure(details: str, address: str) -> TransportSecurityError:
+    reason = details.split("OPENSSL_internal:")[-1] if "OPENSSL_internal:" in details else \
+        details.split(": ", 2)[-1]
+    reason = reason.removesuffix(": OK").strip()
+    hint = next((h for marker, h in _TLS_HINTS if marker in details),
+                "check that the server's certificate chains to the CA in --tls-ca "
+                "(PRIVFACE_TLS_CA) and names this host")
+    return TransportSecurityError(f"TLS handshake with the privface server at {address} "
+                                  f"failed ({reason}): {hint}")
+
+
+def translate(exc: grpc.RpcError, address: str, tls: bool | None = None
+              ) -> errors.PrivfaceError:
+    """A domain error for a gRPC failure (keeps the server's message). ``tls`` (whether
+    the channel speaks TLS) sharpens the advice when the server drops the connection."""
     code, details = exc.code(), exc.details() or ""
+    if code is grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
+        return _tls_failure(details, address)
+    if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower() and \
+            tls is not None:
+        return ServerUnavailableError(
+            f"the privface server at {address} closed the connection while it was being set "
+            "up: " + ("if it requires client certificates (mutual TLS), give one its CA "
+                      "signed (--tls-client-cert/--tls-client-key, PRIVFACE_TLS_CLIENT_CERT/"
+                      "PRIVFACE_TLS_CLIENT_KEY)" if tls else
+                      "it probably speaks TLS: drop --insecure and trust its CA with "
+                      "--tls-ca (PRIVFACE_TLS_CA)"))
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
             ("connect" in details.lower() or code is grpc.StatusCode.UNAVAILABLE):
         return ServerUnavailableError(
@@ -74,6 +118,61 @@ def translate(exc: grpc.RpcError, address: str) -> errors.PrivfaceError:
     if cls is not None:
         return cls(details)
     return RemoteError(code, details)
+
+
+_insecure_warned = False
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise TransportSecurityError(f"cannot read the {what} {path}: "
+                                     f"{exc.strerror or exc}") from None
+
+
+def open_channel(address: str, config: ClientConfig) -> grpc.Channel:
+    """A TLS channel trusting config.tls_ca (presenting a client certificate for mutual TLS
+    when one is configured), or a plaintext one only with config.insecure (warned once per
+    process). Refuses anything else with a TransportSecurityError saying how to fix it."""
+    global _insecure_warned
+    options: list[tuple[str, int | str]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes)]
+    tls_given = [flag for flag, value in (("--tls-ca", config.tls_ca),
+                                           ("--tls-client-cert", config.tls_client_cert),
+                                           ("--tls-client-key", config.tls_client_key))
+                 if value]
+    if config.insecure:
+        if tls_given:
+            raise TransportSecurityError(
+                f"both --insecure (PRIVFACE_INSECURE) and TLS settings ({', '.join(tls_given)})"
+                " are given: drop --insecure to connect with TLS")
+        if not _insecure_warned:
+            _insecure_warned = True
+            log.warning("connecting WITHOUT TLS (--insecure): the access token and all "
+                        "traffic cross the network in the clear; for local testing only")
+        return grpc.insecure_channel(address, options=options)
+    if config.tls_ca is None:
+        raise TransportSecurityError(
+            f"no TLS settings to connect to {address}: give the CA that signed the server's "
+            "certificate with --tls-ca FILE (PRIVFACE_TLS_CA; `privface-server tls-init DIR` "
+            "writes a development one as DIR/ca.pem), or --insecure (PRIVFACE_INSECURE=1) "
+            "for a plaintext test server")
+    if bool(config.tls_client_cert) != bool(config.tls_client_key):
+        raise TransportSecurityError(
+            "mutual TLS needs both --tls-client-cert and --tls-client-key "
+            "(PRIVFACE_TLS_CLIENT_CERT, PRIVFACE_TLS_CLIENT_KEY)")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_pem(config.tls_ca, "CA file (--tls-ca, PRIVFACE_TLS_CA)"),
+        private_key=(_read_pem(config.tls_client_key, "client key (--tls-client-key)")
+                     if config.tls_client_key else None),
+        certificate_chain=(_read_pem(config.tls_client_cert,
+                                     "client certificate (--tls-client-cert)")
+                           if config.tls_client_cert else None))
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 @dataclass(frozen=True)
@@ -89,19 +188,19 @@ class Credentials:
 
 
 class PrivfaceClient:
-    """One channel to a server. Use as a context manager or call close()."""
+    """One channel to a server (TLS per ``config``; without one, ClientConfig.load(): the
+    PRIVFACE_* environment). Use as a context manager or call close()."""
 
     def __init__(self, address: str, credentials: Credentials | None = None,
                  config: ClientConfig | None = None) -> None:
         self.address = address
         self.credentials = credentials
-        self.config = config or ClientConfig()
+        self.config = config or ClientConfig.load()
         self.timeout = self.config.timeout
         self._upload_timeout = self.config.upload_timeout
         self._chunk = self.config.chunk_bytes
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes)])
+        self.tls = not self.config.insecure
+        self.channel = open_channel(address, self.config)
         self.family = family_pb2_grpc.FamilyServiceStub(self.channel)
         self.photos = photos_pb2_grpc.PhotoServiceStub(self.channel)
         self.faces = faces_pb2_grpc.FaceServiceStub(self.channel)
@@ -134,7 +233,7 @@ class PrivfaceClient:
         try:
             return fn(request, timeout=timeout or self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
-            raise translate(exc, self.address) from None
+            raise translate(exc, self.address, self.tls) from None
 
     def stream(self, fn: Callable[..., Iterator[T]], request: Any, *,
                timeout: float | None = None) -> Iterator[T]:
@@ -142,7 +241,7 @@ class PrivfaceClient:
         try:
             yield from fn(request, timeout=timeout or self.timeout, metadata=self.metadata())
         except grpc.RpcError as exc:
-            raise translate(exc, self.address) from None
+            raise translate(exc, self.address, self.tls) from None
 
     # -- family --------------------------------------------------------------------------
 
@@ -407,6 +506,7 @@ class DetectionStream:
     def __init__(self, client: PrivfaceClient, session: detection_pb2.DetectionSession
                  ) -> None:
         self._address = client.address
+        self._tls = client.tls
         self._requests: queue.Queue[detection_pb2.DetectFacesRequest | None] = queue.Queue()
         self._requests.put(detection_pb2.DetectFacesRequest(session=session))
         self._responses = client.detector.DetectFaces(
@@ -428,7 +528,7 @@ class DetectionStream:
         try:
             response = next(self._responses)
         except grpc.RpcError as exc:
-            raise translate(exc, self._address) from None
+            raise translate(exc, self._address, self._tls) from None
         except StopIteration:
             raise errors.MalformedInputError("the server ended detection early") from None
         if response.batch_id != batch.batch_id or response.count != count:

@@ -8,10 +8,20 @@ import sys
 from pathlib import Path
 
 from client import vendor
+from client.config import ClientConfig
 from client.rpc import PrivfaceClient
 from common import secure_cascade as sc
 from common.cascade import load_cascade
 from common.errors import PrivfaceError
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    """Transport settings: flags over PRIVFACE_* variables over defaults."""
+    def path(value: str | None) -> Path | None:
+        return Path(value).expanduser() if value else None
+
+    return ClientConfig.load(tls_ca=path(args.tls_ca), tls_client_cert=path(args.tls_client_cert),
+                             tls_client_key=path(args.tls_client_key), insecure=args.insecure)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -36,13 +46,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     key = sc.ProductKey.from_bytes(Path(args.key).read_bytes())
     cascade = load_cascade(args.cascade)
-    token = args.vendor_token or (Path(args.vendor_token_file).read_text().strip()
-                                  if args.vendor_token_file else "")
+    token = (Path(args.vendor_token_file).read_text().strip() if args.vendor_token_file
+             else os.environ.get("PRIVFACE_VENDOR_TOKEN", ""))
     if not token:
-        print("error: give --vendor-token, --vendor-token-file or PRIVFACE_VENDOR_TOKEN",
-              file=sys.stderr)
+        print("error: give --vendor-token-file FILE (the server's <data-dir>/vendor.token) or "
+              "set PRIVFACE_VENDOR_TOKEN", file=sys.stderr)
         return 2
-    with PrivfaceClient(args.server) as client:
+    with PrivfaceClient(args.server, config=client_config(args)) as client:
         reply = vendor.publish(client, cascade, key, token)
     print(f"published {reply.detector_id} v{reply.key_version} "
           f"({cascade.n_weak} encrypted weak classifiers, {cascade.n_stages} stages)")
@@ -50,7 +60,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with PrivfaceClient(args.server) as client:
+    with PrivfaceClient(args.server, config=client_config(args)) as client:
         detectors = client.list_detectors()
     if not detectors:
         print("no detectors published")
@@ -68,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         "publish it; the server never sees the classifiers, thresholds or the key."))
     p.add_argument("--server", default=os.environ.get("PRIVFACE_SERVER", "127.0.0.1:50051"),
                    help="server host:port (env PRIVFACE_SERVER; default %(default)s)")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA certificate (PEM) the server's "
+                   "certificate must chain to (env PRIVFACE_TLS_CA)")
+    p.add_argument("--tls-client-cert", metavar="FILE",
+                   help="mutual TLS: the vendor's certificate (env PRIVFACE_TLS_CLIENT_CERT)")
+    p.add_argument("--tls-client-key", metavar="FILE",
+                   help="mutual TLS: its private key (env PRIVFACE_TLS_CLIENT_KEY)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="connect without TLS to a test server (env PRIVFACE_INSECURE=1)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keygen = sub.add_parser("keygen", help="D-KeyGen: write a versioned product key")
     keygen.add_argument("-o", "--output", required=True, help="product key file to write")
@@ -78,12 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stages of the cheap first round (0 = none; default %(default)s)")
     keygen.add_argument("--force", action="store_true", help="overwrite the output")
     keygen.set_defaults(fn=cmd_keygen)
-    publish = sub.add_parser("publish", help="E-FD: encrypt the cascade and upload it")
+    # no abbreviations: `--vendor-token SECRET` must not pass as --vendor-token-file
+    publish = sub.add_parser("publish", help="E-FD: encrypt the cascade and upload it",
+                             allow_abbrev=False)
     publish.add_argument("--key", required=True, help="product key file")
     publish.add_argument("--cascade", help="OpenCV cascade XML (default: frontalface_alt)")
-    publish.add_argument("--vendor-token", default=os.environ.get("PRIVFACE_VENDOR_TOKEN"),
-                         help="the server's vendor token (env PRIVFACE_VENDOR_TOKEN)")
-    publish.add_argument("--vendor-token-file", help="file holding the vendor token")
+    publish.add_argument("--vendor-token-file", metavar="FILE",
+                         help="file holding the server's vendor token (else the env "
+                              "PRIVFACE_VENDOR_TOKEN; never a flag, flags show in `ps`)")
     publish.set_defaults(fn=cmd_publish)
     sub.add_parser("info", help="list published detectors").set_defaults(fn=cmd_info)
     return p

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +29,8 @@ from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
 from server.servicers.photos import PhotoServicer
 from server.storage import Store
+from server.tls import server_credentials
+from server.vendor_token import VendorToken
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,9 @@ SERVICE_NAMES = [
 
 
 def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-ready (not yet started) server bound to config.address; returns its port."""
+    """A started-ready (not yet started) server bound to config.address; returns its port.
+    Serves TLS, or plaintext only with config.insecure (TransportConfigError otherwise)."""
+    credentials = server_credentials(config)
     store = Store(config.data_dir)
     store.sweep_orphans()
     search = LabelSearch(store)
@@ -60,28 +61,21 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery), server)
     registry = DetectorRegistry(store, config.max_window_batch, config.max_detector_bytes)
     detection_pb2_grpc.add_DetectorServiceServicer_to_server(
-        DetectorServicer(store, registry, vendor_token(config)), server)
+        DetectorServicer(store, registry, VendorToken(config)), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*SERVICE_NAMES, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*SERVICE_NAMES, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(config.address)
+    port = (server.add_insecure_port(config.address) if credentials is None
+            else server.add_secure_port(config.address, credentials))
     if port == 0:
         raise OSError(f"cannot bind {config.address}")
     return server, port, health_servicer
 
 
 def vendor_token(config: ServerConfig) -> str:
-    """The token vendors publish detectors with: PRIVFACE_VENDOR_TOKEN, else a random one
-    kept in <data_dir>/vendor.token (mode 0600; its path is logged, never the token)."""
-    if config.vendor_token:
-        return config.vendor_token
-    path = Path(config.data_dir) / "vendor.token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-        log.info("created the vendor token in %s", path)
-    return path.read_text().strip()
+    """The token vendors publish detectors with now: PRIVFACE_VENDOR_TOKEN, else the one in
+    <data_dir>/vendor.token, made on first use (mode 0600; its path is logged, never the
+    token)."""
+    return VendorToken(config).current()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 MIB = 1024 * 1024
@@ -26,7 +26,15 @@ class ServerConfig:
     max_window_batch: int = 16_384  # windows per DetectFaces message (the client sends <= 16,384)
     grace_seconds: float = 5.0
     log_level: str = "INFO"
-    vendor_token: str = ""  # empty: a random token in <data_dir>/vendor.token
+    # Transport security: TLS with a certificate and key, optionally requiring client
+    # certificates signed by tls_client_ca (mutual TLS); plaintext only with insecure=True.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
+    # Environment only (PRIVFACE_VENDOR_TOKEN), never a flag (flags show in `ps`); empty: the
+    # token in <data_dir>/vendor.token, re-read when it changes (rotate-vendor-token).
+    vendor_token: str = field(default="", repr=False)
 
     @property
     def address(self) -> str:
@@ -38,6 +46,8 @@ def _env_default(name: str, default: object) -> object:
     raw = os.environ.get(f"PRIVFACE_{name.upper()}")
     if raw is None:
         return default
+    if default is None:  # the optional settings are file paths
+        return Path(raw) if raw else None
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes")
     if isinstance(default, Path):
@@ -49,15 +59,46 @@ def _env_default(name: str, default: object) -> object:
     return raw
 
 
+ENV_ONLY = frozenset({"vendor_token"})  # secrets: never a flag (flags show in `ps`)
+HELP = {
+    "tls_cert": "TLS certificate chain (PEM) the server presents",
+    "tls_key": "private key (PEM) of --tls-cert",
+    "tls_client_ca": "mutual TLS: require client certificates signed by this CA (PEM)",
+    "insecure": "serve plaintext gRPC without TLS (local testing only; logged as a warning)",
+}
+EPILOG = """commands:
+  privface-server tls-init DIR [--host NAME ...]
+      writes a development CA (ca.pem), a server certificate and key for localhost
+      (server.pem, server.key) and a client certificate (client.pem, client.key)
+  privface-server rotate-vendor-token [--data-dir DIR]
+      writes a new vendor token to <data-dir>/vendor.token; a running server uses it
+      from the next publish on and refuses the old one
+
+The vendor token is read from PRIVFACE_VENDOR_TOKEN or <data-dir>/vendor.token, never
+from a flag."""
+
+
 def parse_config(argv: list[str] | None = None) -> ServerConfig:
     """Builds the config from argv (flags) over the environment over defaults."""
     parser = argparse.ArgumentParser(
-        prog="privface-server",
+        prog="privface-server", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="privface server: stores encrypted photos, runs encrypted detection, "
                     "matching and search. Every flag can also be set as PRIVFACE_<FLAG> "
                     "(e.g. PRIVFACE_PORT=50051).")
     for f in fields(ServerConfig):
+        if f.name in ENV_ONLY:
+            continue
         default = _env_default(f.name, f.default)
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
-                            type=type(f.default), help=f"(default: {default})")
-    return ServerConfig(**vars(parser.parse_args(argv)))
+        flag = "--" + f.name.replace("_", "-")
+        help_text = HELP.get(f.name, "") + f" (default: {default})"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, default=default, action="store_true",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=default,
+                                type=Path if f.default is None else type(f.default),
+                                help=help_text)
+    values = vars(parser.parse_args(argv))
+    values.update({name: _env_default(name, ServerConfig.__dataclass_fields__[name].default)
+                   for name in ENV_ONLY})
+    return ServerConfig(**values)

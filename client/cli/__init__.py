@@ -28,6 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"family bundle file (env PRIVFACE_BUNDLE; default {DEFAULT_BUNDLE})")
     p.add_argument("--server", default=None,
                    help="server host:port (env PRIVFACE_SERVER; default: the bundle's)")
+    p.add_argument("--tls-ca", metavar="FILE", default=None,
+                   help="CA certificate (PEM) the server's certificate must chain to "
+                        "(env PRIVFACE_TLS_CA)")
+    p.add_argument("--tls-client-cert", metavar="FILE", default=None,
+                   help="mutual TLS: this phone's certificate (env PRIVFACE_TLS_CLIENT_CERT)")
+    p.add_argument("--tls-client-key", metavar="FILE", default=None,
+                   help="mutual TLS: its private key (env PRIVFACE_TLS_CLIENT_KEY)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None,
+                   help="connect without TLS, to a test server started with --insecure "
+                        "(env PRIVFACE_INSECURE=1)")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     family_cmds.register(sub)

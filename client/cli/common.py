@@ -39,8 +39,13 @@ def passphrase(env: str = "PRIVFACE_PASSPHRASE", prompt: str = "Family passphras
 
 def config(args: argparse.Namespace) -> ClientConfig:
     """The client settings: flags over PRIVFACE_* variables over defaults."""
-    return ClientConfig.load(server=args.server, bundle=Path(args.bundle) if args.bundle else None,
-                             detection_mode=getattr(args, "mode", None))
+    def path(value: str | None) -> Path | None:
+        return Path(value).expanduser() if value else None
+
+    return ClientConfig.load(server=args.server, bundle=path(args.bundle),
+                             detection_mode=getattr(args, "mode", None),
+                             tls_ca=path(args.tls_ca), tls_client_cert=path(args.tls_client_cert),
+                             tls_client_key=path(args.tls_client_key), insecure=args.insecure)
 
 
 def open_session(args: argparse.Namespace) -> FamilySession:

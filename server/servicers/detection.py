@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Iterator
 
 import grpc
@@ -15,6 +14,7 @@ from server.detection import DetectorRegistry
 from server.errors import grpc_errors
 from server.servicers.chunks import header_then_parts
 from server.storage import Store
+from server.vendor_token import VendorToken
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +22,19 @@ log = logging.getLogger(__name__)
 class DetectorServicer(detection_pb2_grpc.DetectorServiceServicer):
     """Vendors publish encrypted cascades; families run them on encrypted windows."""
 
-    def __init__(self, store: Store, registry: DetectorRegistry, vendor_token: str) -> None:
+    def __init__(self, store: Store, registry: DetectorRegistry,
+                 vendor_token: VendorToken) -> None:
         self.store = store
         self.registry = registry
         self.vendor_token = vendor_token
 
     def _check_vendor(self, context: grpc.ServicerContext) -> None:
         auth = dict(context.invocation_metadata()).get("authorization", "")
-        if not isinstance(auth, str) or not secrets.compare_digest(
-                auth.encode(), f"Bearer {self.vendor_token}".encode()):
-            raise AuthenticationError("publishing needs the server's vendor token "
-                                      "(privface-vendor publish --vendor-token ...)")
+        if not isinstance(auth, str) or not auth.startswith("Bearer ") or \
+                not self.vendor_token.matches(auth.removeprefix("Bearer ")):
+            raise AuthenticationError(
+                "publishing needs the server's current vendor token (privface-vendor publish "
+                "--vendor-token-file FILE, or PRIVFACE_VENDOR_TOKEN)")
 
     @grpc_errors
     def PublishDetector(self, request_iterator: Iterator[detection_pb2.PublishDetectorRequest],

@@ -21,6 +21,9 @@ from privface.v1 import faces_pb2, faces_pb2_grpc, family_pb2, family_pb2_grpc
 from server.app import create_server
 from server.config import ServerConfig
 from server.storage import DEFAULT_INVITE_TTL, MAX_INVITE_TTL, Store, hash_token, legacy_device_id
+from server.tls import DevCerts
+from tests.conftest import channel as tls_channel
+from tests.conftest import tls_server_config
 
 SEALED_LIMIT = 64 * 1024
 PHONE_A = "a" * 32
@@ -30,16 +33,16 @@ Metadata = tuple[tuple[str, str], ...]
 
 
 @pytest.fixture
-def server_config(tmp_path: Path) -> ServerConfig:
+def server_config(tmp_path: Path, tls_certs: DevCerts) -> ServerConfig:
     """The shared fixture's config with a small sealed-item limit (overrides conftest's)."""
-    return ServerConfig(host="127.0.0.1", port=0, data_dir=tmp_path / "server",
-                        max_sealed_bytes=SEALED_LIMIT, grace_seconds=0.5)
+    return tls_server_config(tls_certs, data_dir=tmp_path / "server",
+                             max_sealed_bytes=SEALED_LIMIT, grace_seconds=0.5)
 
 
 @pytest.fixture
 def channel(address: str) -> Iterator[grpc.Channel]:
     """A channel to the test server."""
-    with grpc.insecure_channel(address) as ch:
+    with tls_channel(address) as ch:
         yield ch
 
 
@@ -389,7 +392,8 @@ CREATE TABLE families (
 """
 
 
-def test_old_database_still_authenticates_its_token(tmp_path: Path, secrets_pair) -> None:
+def test_old_database_still_authenticates_its_token(tmp_path: Path, secrets_pair,
+                                                    tls_certs: DevCerts) -> None:
     root = tmp_path / "server"
     root.mkdir()
     family_id, other_id = "fam_" + "1" * 24, "fam_" + "2" * 24
@@ -403,10 +407,10 @@ def test_old_database_still_authenticates_its_token(tmp_path: Path, secrets_pair
         db.execute("INSERT INTO families VALUES (?, ?, ?, 50, 'context-old.bin', ?, 2.0)",
                    (other_id, hash_token("other-token"), bytes(16), len(context)))
     db.close()
-    server, port, _ = create_server(ServerConfig(port=0, data_dir=root))
+    server, port, _ = create_server(tls_server_config(tls_certs, data_dir=root))
     server.start()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with tls_channel(f"127.0.0.1:{port}") as channel:
             stub = family_pb2_grpc.FamilyServiceStub(channel)
             summary = stub.GetFamily(family_pb2.GetFamilyRequest(),
                                      metadata=meta(family_id, "old-token"), timeout=10)

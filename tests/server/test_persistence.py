@@ -14,7 +14,8 @@ from client.rpc import Credentials, PrivfaceClient
 from common import labels, photo_crypto
 from server.app import create_server
 from server.config import ServerConfig
-from tests.conftest import enroll_embeddings
+from server.tls import DevCerts
+from tests.conftest import enroll_embeddings, tls_server_config
 from tests.server.test_photo_service import _photo_bytes
 
 
@@ -24,8 +25,9 @@ def _serve(config: ServerConfig):
     return server, f"127.0.0.1:{port}"
 
 
-def test_photos_labels_and_gallery_survive_a_restart(tmp_path: Path) -> None:
-    config = ServerConfig(port=0, data_dir=tmp_path / "data")
+def test_photos_labels_and_gallery_survive_a_restart(tmp_path: Path,
+                                                     tls_certs: DevCerts) -> None:
+    config = tls_server_config(tls_certs, data_dir=tmp_path / "data")
     server, address = _serve(config)
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((3, 128))

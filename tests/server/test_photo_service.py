@@ -25,6 +25,7 @@ from common.errors import (
     PreconditionError,
 )
 from privface.v1 import photos_pb2
+from tests.conftest import channel as tls_channel
 from tests.conftest import require_data
 
 PEOPLE = {"mum_tom": ["Mum", "Tom"], "mum": ["Mum"], "tom_dad": ["Tom", "Dad"],
@@ -182,11 +183,11 @@ def test_dropped_upload_leaves_nothing_behind(family, server) -> None:
 
 
 def test_health_and_unreachable_server(address) -> None:
-    with grpc.insecure_channel(address) as channel:
+    with tls_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="privface.v1.PhotoService"), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    with PrivfaceClient("127.0.0.1:1", config=ClientConfig(timeout=2)) as dead, \
+    with PrivfaceClient("127.0.0.1:1", config=ClientConfig.load(timeout=2)) as dead, \
             pytest.raises(ServerUnavailableError, match="is privface-server running"):
         dead.register_family(b"\0" * 16, 34)
 
