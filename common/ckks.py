@@ -711,7 +711,10 @@ def add_into_block(public: PublicContext, block: Sequence[bytes] | None,
     out = []
     for c, (a, b) in enumerate(zip(old_cts, new_cts, strict=True)):
         s = sealapi.Ciphertext()
-        public._evaluator.add(a, b, s)
+        try:
+            public._evaluator.add(a, b, s)
+        except RuntimeError as exc:  # e.g. a transparent sum: the stored block negated
+            raise ValueError(f"cannot add the new entries into the block: {exc}") from exc
         out.append(_wrap(public, KIND_GALLERY, c, _save_bytes(s)))
     return out
 
@@ -727,6 +730,16 @@ def prepare_query(public: PublicContext, query: Sequence[bytes]) -> list[SealObj
 
 def _match_prepared(public: PublicContext, block_cts: Sequence[SealObject],
                     query_cts: Sequence[SealObject]) -> SealObject:
+    try:
+        return _squared_distances(public, block_cts, query_cts)
+    except RuntimeError as exc:
+        # SEAL refuses, e.g., a transparent (all-zero) difference: a "query" made of the
+        # very ciphertexts of the stored block (which GetGalleryBlock hands out).
+        raise ValueError(f"encrypted matching refused the query: {exc}") from exc
+
+
+def _squared_distances(public: PublicContext, block_cts: Sequence[SealObject],
+                       query_cts: Sequence[SealObject]) -> SealObject:
     ev = public._evaluator
     acc = None
     for g, q in zip(block_cts, query_cts, strict=True):

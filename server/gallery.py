@@ -187,6 +187,15 @@ class GalleryService:
         self.forget(family.family_id)
         return self.store.family_counts(family.family_id)[1]
 
+    def _stored_block(self, family: Family, public: ckks.PublicContext,
+                      block: int) -> list[ckks.SealObject]:
+        try:
+            return ckks.prepare_block(public, unpack_ciphertexts(
+                self.store.gallery_block(family.family_id, block) or b""))
+        except ValueError as exc:
+            raise PreconditionError(f"gallery block {block} changed during the match: "
+                                    "retry") from exc
+
     def remove_slot(self, family: Family, slot: int) -> int:
         """Marks a member's entries dead (their ciphertexts stay until the block is rebuilt)."""
         return self.store.kill_gallery_slot(family.family_id, slot)
@@ -205,7 +214,13 @@ class GalleryService:
             raise _invalid(exc) from exc
         for block in sorted(layout):
             with gallery.lock:
-                prepared_block = gallery.prepared.block(block)
+                cached = block < len(gallery.prepared)
+                prepared_block = gallery.prepared.block(block) if cached else None
+            if prepared_block is None:  # stored after this call read the cache (a re-pack)
+                prepared_block = self._stored_block(family, gallery.public, block)
             for i, query in enumerate(queries):
-                result = ckks.match_prepared(gallery.public, prepared_block, query)
+                try:
+                    result = ckks.match_prepared(gallery.public, prepared_block, query)
+                except ValueError as exc:
+                    raise _invalid(exc) from exc
                 yield BlockResult(i, block, result, layout[block])

@@ -110,3 +110,31 @@ def test_context_header_scale_must_fit_the_modulus(secret, scale_bits: int) -> N
     data[9] = scale_bits
     with pytest.raises(ValueError, match="scale"):
         ckks.load_public_context(bytes(data))
+
+
+def _as_kind(secret: ckks.SecretContext, wire: list[bytes], kind: int) -> list[bytes]:
+    """The same SEAL ciphertexts under another kind's header."""
+    return [ckks._wrap(secret, kind, c, x[ckks._HEADER.size:]) for c, x in enumerate(wire)]
+
+
+def test_a_query_equal_to_the_stored_block_is_a_value_error(secret, public) -> None:
+    """The phone gets its stored block back (GetGalleryBlock): sent back as a query, every
+    difference is exactly zero and SEAL throws (a transparent ciphertext), which must
+    surface as ValueError, not as SEAL's RuntimeError."""
+    block = ckks.add_into_block(public, None, ckks.encrypt_entries(secret, EMBEDDING[None], 0))
+    query = ckks.prepare_query(public, _as_kind(secret, block, ckks.KIND_QUERY))
+    with pytest.raises(ValueError, match="transparent"):
+        ckks.match_prepared(public, ckks.prepare_block(public, block), query)
+    with pytest.raises(ValueError, match="transparent"):
+        ckks.match_block(public, block, query)
+
+
+def test_adding_the_negated_block_is_a_value_error(secret, public) -> None:
+    block = ckks.add_into_block(public, None, ckks.encrypt_entries(secret, EMBEDDING[None], 0))
+    negated = []
+    for c, ct in enumerate(ckks.prepare_block(public, block)):
+        out = sealapi.Ciphertext()
+        secret._evaluator.negate(ct, out)
+        negated.append(ckks._wrap(secret, ckks.KIND_GALLERY, c, ckks._save_bytes(out)))
+    with pytest.raises(ValueError, match="transparent"):
+        ckks.add_into_block(public, block, negated)

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from tenseal import sealapi
 
 from client.keystore import FamilyBundle
 from client.pipeline import faces
@@ -168,6 +169,60 @@ def test_nan_scale_block_is_refused_and_nothing_is_stored(gallery_family) -> Non
     assert err.code() == INVALID
     assert client.gallery_layout() == {0: [0]}
     assert match_distance(client, secret) < 1e-3
+
+
+def test_stored_block_sent_back_as_a_query_is_invalid_argument(gallery_family) -> None:
+    """The block GetGalleryBlock returns, re-labelled as a query: every difference is zero
+    and SEAL threw a RuntimeError (a transparent ciphertext), which became INTERNAL."""
+    client, _, secret = gallery_family
+    block = client.gallery_block(0)[0]
+    forged = [ckks._wrap(secret, ckks.KIND_QUERY, c, x[ckks._HEADER.size:])
+              for c, x in enumerate(block)]
+    err = rpc_error(client.faces.MatchFaces, faces_pb2.MatchFacesRequest(
+        faces=[faces_pb2.Ciphertexts(items=forged)]), metadata=client.metadata())
+    assert err.code() == INVALID and "transparent" in (err.details() or "")
+    assert match_distance(client, secret) < 1e-3
+
+
+def test_entries_that_cancel_the_stored_block_are_invalid_argument(gallery_family) -> None:
+    """New entries equal to the stored block negated: the homomorphic sum is all zero and
+    SEAL threw (INTERNAL); nothing is stored now."""
+    client, _, secret = gallery_family
+    negated = []
+    for c, wire in enumerate(client.gallery_block(0)[0]):
+        ct = ckks._unwrap(secret, wire, ckks.KIND_GALLERY, c)
+        out = sealapi.Ciphertext()
+        secret._evaluator.negate(ct, out)
+        negated.append(ckks._wrap(secret, ckks.KIND_GALLERY, c, ckks._save_bytes(out)))
+    err = rpc_error(client.faces.AddGalleryEntries, faces_pb2.AddGalleryEntriesRequest(
+        slot=1, block=0, first_position=1, count=1,
+        ciphertexts=faces_pb2.Ciphertexts(items=negated)), metadata=client.metadata())
+    assert err.code() == INVALID
+    assert client.gallery_layout() == {0: [0]}
+    assert match_distance(client, secret) < 1e-3
+
+
+def test_match_after_another_server_grew_the_gallery(gallery_family, server) -> None:
+    """A server that cached the family's gallery, then another server on the same data
+    (or a re-pack racing the match) stored more blocks: the match read a block its cache
+    did not have (IndexError, INTERNAL). Now that block is prepared from the store."""
+    client, _, secret = gallery_family
+    assert match_distance(client, secret) < 1e-3  # this server caches one block
+    per_block = secret.layout.entries_per_block
+    other, port, _ = create_server(server[1])
+    other.start()
+    try:
+        with PrivfaceClient(f"127.0.0.1:{port}", client.credentials) as elsewhere:
+            far = np.full((1, ckks.DIM), -0.05)
+            blocks = [(ckks.encrypt_entries(secret, EMBEDDING, 0), [0]),
+                      (ckks.encrypt_entries(secret, far, per_block), [1])]
+            assert elsewhere.replace_gallery(1, blocks) == 2
+    finally:
+        other.stop(0).wait()
+    replies = client.match_faces([ckks.encrypt_query(secret, EMBEDDING[0])])
+    assert sorted(r.block for r in replies) == [0, 1]
+    by_block = {r.block: ckks.decrypt_distances(secret, r.ciphertext, 1)[0] for r in replies}
+    assert by_block[0] < 1e-3 and abs(by_block[1] - np.linalg.norm(EMBEDDING - far)) < 1e-3
 
 
 # -- detectors -------------------------------------------------------------------------------
