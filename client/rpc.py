@@ -285,6 +285,15 @@ class PrivfaceClient:
         """Revokes another device of the family."""
         self.call(self.family.RevokeDevice, family_pb2.RevokeDeviceRequest(device_id=device_id))
 
+    def delete_family(self) -> FamilyDeletion:
+        """Deletes this family and everything the server holds for it, for every phone."""
+        family_id = self.credentials.family_id if self.credentials else ""
+        r: family_pb2.DeleteFamilyResponse = self.call(
+            self.family.DeleteFamily, family_pb2.DeleteFamilyRequest(confirm_family_id=family_id),
+            timeout=self._upload_timeout)
+        return FamilyDeletion(family_id, r.photos_deleted, r.gallery_entries_deleted,
+                              r.devices_deleted, r.sealed_items_deleted)
+
     def get_sealed_item(self, name: str) -> tuple[int, bytes]:
         """(version, sealed bytes) of one family item; (0, b"") if never written."""
         response: family_pb2.GetSealedItemResponse = self.call(
@@ -456,6 +465,17 @@ class PrivfaceClient:
         """Opens one bidirectional DetectFaces call for a photo's encrypted windows."""
         return DetectionStream(self, detection_pb2.DetectionSession(
             detector_id=detector_id, key_version=key_version, key_fingerprint=key_fingerprint))
+
+
+@dataclass(frozen=True)
+class FamilyDeletion:
+    """What the server deleted with a family."""
+
+    family_id: str
+    photos: int
+    gallery_entries: int
+    devices: int
+    sealed_items: int
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from client.pipeline import family, labelling, library
 from client.pipeline.detect import DetectionReport
 from client.pipeline.faces import share_ckks_secret
 from client.pipeline.labelling import Progress
-from client.rpc import Credentials, PrivfaceClient
+from client.rpc import Credentials, FamilyDeletion, PrivfaceClient
 from common import ckks, labels
 from common import secure_cascade as sc
 from common.errors import AlreadyExistsError, MalformedInputError, PreconditionError
@@ -128,6 +128,16 @@ class FamilySession:
     def revoke(self, name_or_id: str) -> family.Device:
         """Revokes another phone of the family."""
         return family.revoke_device(self.client, self.bundle, name_or_id)
+
+    def delete_family(self, remove_bundle: bool = True) -> FamilyDeletion:
+        """Deletes the family on the server: every photo, face, key, sealed item and device,
+        for every phone. Then (``remove_bundle``) deletes this phone's bundle, whose keys
+        no longer open anything."""
+        gone = self.client.delete_family()
+        log.info("deleted family %s from %s", gone.family_id, self.client.address)
+        if remove_bundle:
+            self.bundle_path.unlink(missing_ok=True)
+        return gone
 
     def import_product_key(self, data: bytes) -> sc.ProductKey:
         """Stores a detector vendor's product key in the bundle."""

@@ -47,6 +47,10 @@ class LimitExceededError(PrivfaceError):
     """A size or count limit was exceeded (gRPC RESOURCE_EXHAUSTED)."""
 
 
+class StreamIdleError(PrivfaceError):
+    """A stream sent nothing for longer than the server waits (gRPC DEADLINE_EXCEEDED)."""
+
+
 class DecryptionError(PrivfaceError):
     """Authenticated decryption failed: wrong key, or the data was altered."""
 

@@ -19,11 +19,13 @@ from privface.v1 import (
     photos_pb2,
     photos_pb2_grpc,
 )
+from server.admission import Admission
 from server.config import ServerConfig
 from server.decoding import RequestDecodingInterceptor
 from server.detection import DetectorRegistry
 from server.gallery import GalleryService
 from server.label_index import LabelSearch
+from server.limits import ResourceLimits
 from server.servicers.detection import DetectorServicer
 from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
@@ -46,22 +48,33 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     """A started-ready (not yet started) server bound to config.address; returns its port.
     Serves TLS, or plaintext only with config.insecure (TransportConfigError otherwise)."""
     credentials = server_credentials(config)
+    limits = ResourceLimits.from_config(config)  # ValueError for an impossible thread budget
     store = Store(config.data_dir)
     store.sweep_orphans()
     search = LabelSearch(store)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
+    # Admission first: refused addresses and idle streams are handled before anything else.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers),
-                         options=options, interceptors=[RequestDecodingInterceptor()])
-    gallery = GalleryService(store)
+                         options=options,
+                         interceptors=[Admission(config), RequestDecodingInterceptor()],
+                         maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    gallery = GalleryService(store, config.max_gallery_entries)
+
+    def forget_family(family_id: str) -> None:  # a deleted family leaves nothing in memory
+        search.forget(family_id)
+        gallery.forget(family_id)
+        limits.forget(family_id)
+
     family_pb2_grpc.add_FamilyServiceServicer_to_server(
-        FamilyServicer(store, config, on_context_change=gallery.forget), server)
+        FamilyServicer(store, config, on_context_change=gallery.forget, limits=limits,
+                       on_family_deleted=forget_family), server)
     photos_pb2_grpc.add_PhotoServiceServicer_to_server(
-        PhotoServicer(store, config, search), server)
-    faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery), server)
+        PhotoServicer(store, config, search, limits), server)
+    faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery, limits), server)
     registry = DetectorRegistry(store, config.max_window_batch, config.max_detector_bytes)
     detection_pb2_grpc.add_DetectorServiceServicer_to_server(
-        DetectorServicer(store, registry, VendorToken(config)), server)
+        DetectorServicer(store, registry, VendorToken(config), limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*SERVICE_NAMES, ""]:

@@ -17,13 +17,27 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path = Path("var/server")
-    workers: int = 16
+    workers: int = 32  # > max_streams + max_public_streams: unary calls keep free workers
     max_message_bytes: int = 32 * MIB
     max_photo_bytes: int = 256 * MIB
     max_context_bytes: int = 64 * MIB
     max_detector_bytes: int = 64 * MIB
     max_sealed_bytes: int = 8 * MIB  # one sealed family item (roster, CKKS secret context)
     max_window_batch: int = 16_384  # windows per DetectFaces message (the client sends <= 16,384)
+    # Bounded resources (docs/design.md, "Bounded resources"): streams, quotas, rates.
+    max_concurrent_rpcs: int = 512  # last resort: calls beyond this are refused at once
+    max_streams: int = 24  # long calls (uploads, detection, matching, fetch) server-wide
+    max_family_streams: int = 8  # long calls at once per family
+    max_public_streams: int = 2  # unauthenticated streams (health Watch, reflection)
+    max_calls_per_address: int = 16  # calls in flight from one peer address
+    stream_idle_seconds: float = 60.0  # a stream sending (or reading) nothing this long ends
+    max_family_photos: int = 1_000_000
+    max_family_bytes: int = 1024 * 1024 * MIB  # 1 TiB of photo blobs and thumbnails
+    max_gallery_entries: int = 100_000  # encrypted faces per family (removed ones included)
+    max_detect_windows_per_hour: int = 50_000_000  # per family
+    register_per_minute: int = 20  # RegisterFamily calls per peer address
+    auth_failures_per_minute: int = 30  # per peer address, then it is locked out
+    auth_lockout_seconds: float = 300.0
     grace_seconds: float = 5.0
     log_level: str = "INFO"
     # Transport security: TLS with a certificate and key, optionally requiring client

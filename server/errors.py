@@ -25,6 +25,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (errors.VersionConflictError, grpc.StatusCode.ABORTED),
     (errors.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.StreamIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.DecryptionError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
 

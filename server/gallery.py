@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from common import ckks, labels
-from common.errors import MalformedInputError, NotFoundError, PreconditionError
+from common.errors import (
+    LimitExceededError,
+    MalformedInputError,
+    NotFoundError,
+    PreconditionError,
+)
 from server.storage import Family, Store
 
 MAX_FACES_PER_QUERY = 64
@@ -80,13 +85,14 @@ def _invalid(exc: ValueError) -> MalformedInputError:
 class GalleryService:
     """Gallery operations for authenticated families."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_entries: int = 100_000) -> None:
         self.store = store
+        self.max_entries = max_entries  # positions per family, removed ones included
         self._galleries: dict[str, _FamilyGallery] = {}
         self._lock = threading.Lock()
 
     def forget(self, family_id: str) -> None:
-        """Drops the cache (after a new public context upload)."""
+        """Drops the cache (after a new public context upload or the family's deletion)."""
         with self._lock:
             self._galleries.pop(family_id, None)
 
@@ -148,6 +154,7 @@ class GalleryService:
                 raise MalformedInputError(
                     f"{count} entries from position {used} overflow block {block} "
                     f"({lay.entries_per_block} entries per block)")
+            self._check_quota(sum(len(slots) for slots in layout.values()), count)
             try:
                 merged = ckks.add_into_block(gallery.public, stored, ciphertexts)
                 gallery.prepared.set_block(block, merged)
@@ -170,6 +177,7 @@ class GalleryService:
         gallery = self._gallery(family)
         per_block = gallery.public.layout.entries_per_block
         prepared = []
+        self._check_quota(0, sum(len(slots) for _, slots in blocks))
         for i, (cts, slots) in enumerate(blocks):
             if not 1 <= len(slots) <= per_block:
                 raise MalformedInputError(f"block {i} must hold 1..{per_block} entries")
@@ -187,6 +195,19 @@ class GalleryService:
         self.forget(family.family_id)
         return self.store.family_counts(family.family_id)[1]
 
+    def max_blocks(self, family: Family) -> int:
+        """The most blocks a gallery within the quota can have."""
+        per_block = self._gallery(family).public.layout.entries_per_block
+        return -(-self.max_entries // per_block)
+
+    def _check_quota(self, stored: int, adding: int) -> None:
+        if stored + adding > self.max_entries:
+            raise LimitExceededError(
+                f"gallery quota reached: the family gallery holds {stored:,} encrypted faces "
+                f"(removed ones included until it is re-packed) and {adding:,} more would "
+                f"exceed the limit of {self.max_entries:,}; remove members' faces (privface "
+                "people remove) or ask the server operator to raise --max-gallery-entries")
+
     def _stored_block(self, family: Family, public: ckks.PublicContext,
                       block: int) -> list[ckks.SealObject]:
         try:
@@ -200,8 +221,10 @@ class GalleryService:
         """Marks a member's entries dead (their ciphertexts stay until the block is rebuilt)."""
         return self.store.kill_gallery_slot(family.family_id, slot)
 
-    def match(self, family: Family, faces: list[list[bytes]]) -> Iterator[BlockResult]:
-        """Encrypted squared distances of each face to each block, block by block."""
+    def match(self, family: Family, faces: list[list[bytes]],
+              active: Callable[[], bool] = lambda: True) -> Iterator[BlockResult]:
+        """Encrypted squared distances of each face to each block, block by block; stops
+        (with nothing more evaluated) as soon as ``active()`` turns false."""
         if not 1 <= len(faces) <= MAX_FACES_PER_QUERY:
             raise MalformedInputError(f"send 1..{MAX_FACES_PER_QUERY} faces per call")
         gallery = self._gallery(family)
@@ -219,6 +242,8 @@ class GalleryService:
             if prepared_block is None:  # stored after this call read the cache (a re-pack)
                 prepared_block = self._stored_block(family, gallery.public, block)
             for i, query in enumerate(queries):
+                if not active():  # the phone gave up or its deadline passed
+                    return
                 try:
                     result = ckks.match_prepared(gallery.public, prepared_block, query)
                 except ValueError as exc:

@@ -146,6 +146,13 @@ class LabelSearch:
             if idx is not None:
                 idx.remove(photo_id)
 
+    def forget(self, family_id: str) -> None:
+        """Drops a family's index from memory (the family was deleted)."""
+        with self._family_lock(family_id):
+            self._indexes.pop(family_id, None)
+        with self._lock:
+            self._family_locks.pop(family_id, None)
+
     def search(self, family_id: str, dim: int, key_fp: bytes, expected_fp: bytes,
                encrypted_query: bytes, mode: labels.MatchMode, top_n: int) -> SearchResult:
         """Validates the query's key and shape, then runs MAT over the family's photos."""

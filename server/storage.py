@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common.errors import (
@@ -31,10 +31,15 @@ from common.errors import (
     PreconditionError,
     VersionConflictError,
 )
+from server.limits import PhotoQuota
 
 log = logging.getLogger(__name__)
 
 PHOTO_ID_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch: `$` would allow a "\n"
+FAMILY_ID_RE = re.compile(r"fam_[0-9a-f]{24}")  # use with fullmatch
+# Every table with a family_id column, children before families (foreign keys).
+FAMILY_TABLES = ("photos", "gallery_positions", "gallery_blocks", "sealed_items", "invites",
+                 "devices", "families")
 
 DEFAULT_INVITE_TTL = 24 * 3600.0
 MAX_INVITE_TTL = 7 * 24 * 3600.0
@@ -146,6 +151,17 @@ class Device:
 
 
 @dataclass(frozen=True)
+class FamilyDeletion:
+    """What deleting a family removed."""
+
+    photos: int
+    gallery_entries: int
+    devices: int
+    sealed_items: int
+    files: int
+
+
+@dataclass(frozen=True)
 class PhotoRecord:
     """A stored photo's metadata (the blob stays on disk)."""
 
@@ -186,12 +202,16 @@ def write_file_atomically(path: Path, chunks: Iterable[bytes] | bytes) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    return size
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return size
 
 
 class Store:
@@ -204,6 +224,10 @@ class Store:
         self.db_path = self.root / "privface.sqlite3"
         self.clock = clock  # tests move time (invitation expiry) without sleeping
         self._local = threading.local()
+        # family -> [photos, stored bytes]: filled by writers inside their transaction, so
+        # the quota check in put_photo is exact within this process.
+        self._usage: dict[str, list[int]] = {}
+        self._usage_lock = threading.Lock()
         self._migrate()
 
     def _migrate(self) -> None:
@@ -240,6 +264,7 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros
             self._local.db = db
         return db
 
@@ -481,19 +506,61 @@ class Store:
         return PhotoRecord(photo_id, row[0], self.blob_root / family_id / row[1], row[2],
                            row[3], row[4], row[5])
 
+    _USAGE_SQL = ("SELECT COUNT(*), COALESCE(SUM(blob_size + COALESCE(length(thumbnail), 0)), "
+                  "0) FROM photos WHERE family_id = ?")
+
+    def photo_usage(self, family_id: str) -> tuple[int, int]:
+        """(photos, stored bytes of blobs and thumbnails) of a family."""
+        with self._usage_lock:
+            usage = self._usage.get(family_id)
+            if usage is not None:
+                return usage[0], usage[1]
+        count, size = self._db().execute(self._USAGE_SQL, (family_id,)).fetchone()
+        return int(count), int(size)
+
+    def _change_usage(self, db: sqlite3.Connection, family_id: str, photos: int,
+                      size: int) -> tuple[int, int]:
+        """Inside a write transaction: the usage before the change, then applies it."""
+        with self._usage_lock:
+            usage = self._usage.get(family_id)
+            if usage is None:
+                count, stored = db.execute(self._USAGE_SQL, (family_id,)).fetchone()
+                usage = self._usage[family_id] = [int(count), int(stored)]
+            before = usage[0], usage[1]
+            usage[0] += photos
+            usage[1] += size
+            return before
+
+    def _forget_usage(self, family_id: str) -> None:
+        with self._usage_lock:
+            self._usage.pop(family_id, None)
+
+    def has_photo(self, family_id: str, photo_id: str) -> bool:
+        """Whether the family stores a photo with this id."""
+        return self._db().execute("SELECT 1 FROM photos WHERE family_id = ? AND photo_id = ?",
+                                  (family_id, photo_id)).fetchone() is not None
+
     def put_photo(self, family_id: str, photo_id: str, blob_file: Path, blob_size: int,
-                  blob_sha256: bytes, labels: bytes, thumbnail: bytes | None) -> tuple[int, bool]:
+                  blob_sha256: bytes, labels: bytes, thumbnail: bytes | None,
+                  quota: PhotoQuota | None = None) -> tuple[int, bool]:
         """Commits a photo row for an already durable blob file.
 
         Returns (seq, created). A repeat of the same id with the same blob is a no-op
-        (created False, the new file is removed); a different blob raises AlreadyExistsError.
+        (created False, the new file is removed); a different blob raises AlreadyExistsError;
+        a new photo over the family's ``quota`` raises LimitExceededError (checked in the
+        transaction, so racing uploads cannot overshoot it).
         """
+        size = blob_size + len(thumbnail or b"")
         try:
             with self._tx() as db:
                 existing = db.execute(
                     "SELECT seq, blob_sha256 FROM photos WHERE family_id = ? AND photo_id = ?",
                     (family_id, photo_id)).fetchone()
                 if existing is None:
+                    photos, stored = self._change_usage(db, family_id, 0, 0)
+                    if quota is not None:
+                        quota.check(photos, stored, size)
+                    self._change_usage(db, family_id, 1, size)
                     cur = db.execute(
                         "INSERT INTO photos (family_id, photo_id, blob_file, blob_size, "
                         "blob_sha256, labels, thumbnail, created) VALUES (?,?,?,?,?,?,?,?)",
@@ -502,6 +569,7 @@ class Store:
                     assert cur.lastrowid is not None  # set by a successful INSERT
                     return cur.lastrowid, True
         except BaseException:
+            self._forget_usage(family_id)  # recounted on next use
             blob_file.unlink(missing_ok=True)
             raise
         blob_file.unlink(missing_ok=True)
@@ -517,9 +585,15 @@ class Store:
     def delete_photo(self, family_id: str, photo_id: str) -> int:
         """Deletes row then file (a crash in between leaves only an orphan file). Returns seq."""
         record = self.get_photo(family_id, photo_id)
-        with self._tx() as db:
-            db.execute("DELETE FROM photos WHERE family_id = ? AND photo_id = ?",
-                       (family_id, photo_id))
+        try:
+            with self._tx() as db:
+                if db.execute("DELETE FROM photos WHERE family_id = ? AND photo_id = ?",
+                              (family_id, photo_id)).rowcount:
+                    self._change_usage(db, family_id, -1,
+                                       -(record.blob_size + len(record.thumbnail or b"")))
+        except BaseException:
+            self._forget_usage(family_id)
+            raise
         record.blob_path.unlink(missing_ok=True)
         return record.seq
 
@@ -546,6 +620,7 @@ class Store:
                 "INSERT INTO photos (family_id, photo_id, blob_file, blob_size, blob_sha256, "
                 "labels, created) VALUES (?,?,?,0,?,?,?)",
                 ((family_id, pid, placeholder.name, b"", labels, now) for pid, labels in rows))
+        self._forget_usage(family_id)
 
     # -- gallery -------------------------------------------------------------------------
 
@@ -651,20 +726,63 @@ class Store:
                                 "ask the vendor to publish it (privface-vendor publish)")
         return row[0], row[1], self.blob_root / "_detectors" / row[2]
 
+    # -- deleting a family ---------------------------------------------------------------
+
+    def delete_family(self, family_id: str) -> FamilyDeletion:
+        """Deletes every row of a family in one transaction, then its blob files.
+
+        Idempotent: an unknown family deletes nothing. A crash after the commit leaves only
+        files no row names, which :meth:`sweep_orphans` removes at the next start."""
+        if not FAMILY_ID_RE.fullmatch(family_id):  # it also names a directory below
+            raise NotFoundError("no such family")
+        with self._tx() as db:
+            def count(table: str) -> int:
+                return int(db.execute(f"SELECT COUNT(*) FROM {table} WHERE family_id = ?",
+                                      (family_id,)).fetchone()[0])
+            deletion = FamilyDeletion(
+                photos=count("photos"), gallery_entries=count("gallery_positions"),
+                devices=count("devices"), sealed_items=count("sealed_items"), files=0)
+            for table in FAMILY_TABLES:
+                db.execute(f"DELETE FROM {table} WHERE family_id = ?", (family_id,))
+        self._forget_usage(family_id)
+        files = self._remove_family_files(family_id)
+        # Copies of the deleted pages still in the write-ahead log go too (best effort: a
+        # concurrent reader can delay the truncation to a later checkpoint).
+        self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return replace(deletion, files=files)
+
+    def _remove_family_files(self, family_id: str) -> int:
+        folder = self.blob_root / family_id
+        removed = 0
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+                removed += 1
+            folder.rmdir()
+            _fsync_dir(self.blob_root)
+        return removed
+
     # -- maintenance ---------------------------------------------------------------------
 
     def sweep_orphans(self) -> int:
-        """Removes blob and temp files no row names (left by a crash mid-upload)."""
+        """Removes blob and temp files no row names (left by a crash mid-upload or between a
+        family's deletion and the removal of its files), and empty folders of families
+        that no longer exist."""
         db = self._db()
         named = {r[0] for r in db.execute("SELECT blob_file FROM photos")}
         named |= {r[0] for r in db.execute("SELECT context_file FROM families "
                                            "WHERE context_file IS NOT NULL")}
         named |= {r[0] for r in db.execute("SELECT matrix_file FROM detectors")}
+        families = {r[0] for r in db.execute("SELECT family_id FROM families")}
         removed = 0
         for path in self.blob_root.rglob("*"):
             if path.is_file() and path.name not in named and path.name != "vendor.token":
                 path.unlink(missing_ok=True)
                 removed += 1
+        for folder in self.blob_root.iterdir():
+            if folder.is_dir() and FAMILY_ID_RE.fullmatch(folder.name) \
+                    and folder.name not in families and not any(folder.iterdir()):
+                folder.rmdir()
         if removed:
             log.info("removed %d orphan files", removed)
         return removed

@@ -66,6 +66,23 @@ def cmd_family_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_family_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        say("error: this deletes the family on the server for every phone: every backed-up "
+            "photo, enrolled face, shared key and device, with no way back; run "
+            "`privface family delete --yes` to confirm")
+        return 2
+    with open_session(args) as s:
+        bundle = s.bundle_path
+        gone = s.delete_family(remove_bundle=not args.keep_bundle)
+    print(f"deleted family {gone.family_id} from the server: {gone.photos} photos, "
+          f"{gone.gallery_entries} encrypted faces, {gone.devices} devices, "
+          f"{gone.sealed_items} sealed items")
+    say(f"kept the bundle {bundle} (its keys open nothing on the server any more)"
+        if args.keep_bundle else f"removed the bundle {bundle}")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     with open_session(args) as s:
         if args.action == "revoke":
@@ -154,6 +171,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     join.add_argument("--device-name", help="this phone's name (default: the host name)")
     join.add_argument("--force", action="store_true", help="replace an existing bundle")
     join.set_defaults(fn=cmd_family_join)
+    delete = fam_sub.add_parser(
+        "delete", help="delete the family and all its data from the server (every phone)",
+        description="deletes every photo, encrypted face, sealed item, device and invitation "
+        "of the family from the server, then this phone's bundle; irreversible")
+    delete.add_argument("--yes", action="store_true", help="confirm the deletion")
+    delete.add_argument("--keep-bundle", action="store_true",
+                        help="keep this phone's bundle file")
+    delete.set_defaults(fn=cmd_family_delete)
 
     devices = sub.add_parser("devices", help="list or revoke the family's devices",
                              description="the family's authorised devices; a revoked device "

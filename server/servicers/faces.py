@@ -7,13 +7,15 @@ from collections.abc import Iterator
 
 import grpc
 
-from common.errors import MalformedInputError
+from common.errors import LimitExceededError, MalformedInputError
 from privface.v1 import faces_pb2, faces_pb2_grpc
 from server.auth import authenticate
+from server.config import ServerConfig
 from server.errors import grpc_errors
 from server.gallery import GalleryService
+from server.limits import ResourceLimits
 from server.servicers.chunks import header_then_parts
-from server.storage import Store
+from server.storage import Family, Store
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +23,11 @@ log = logging.getLogger(__name__)
 class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
     """Gallery and matching for authenticated families."""
 
-    def __init__(self, store: Store, gallery: GalleryService) -> None:
+    def __init__(self, store: Store, gallery: GalleryService,
+                 limits: ResourceLimits | None = None) -> None:
         self.store = store
         self.gallery = gallery
+        self.streams = (limits or ResourceLimits.from_config(ServerConfig())).streams
 
     @grpc_errors
     def AddGalleryEntries(self, request: faces_pb2.AddGalleryEntriesRequest,
@@ -65,8 +69,22 @@ class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
     def ReplaceGallery(self, request_iterator: Iterator[faces_pb2.ReplaceGalleryRequest],
                        context: grpc.ServicerContext) -> faces_pb2.ReplaceGalleryResponse:
         family = authenticate(self.store, context)
+        with self.streams.hold(family.family_id):  # before waiting for the body
+            return self._replace(family, request_iterator)
+
+    def _replace(self, family: Family, request_iterator: Iterator[faces_pb2.ReplaceGalleryRequest]
+                 ) -> faces_pb2.ReplaceGalleryResponse:
         header, parts = header_then_parts(request_iterator, "ReplaceGallery", "block")
-        blocks = [(list(b.ciphertexts.items), list(b.slots)) for b in parts]
+        most = self.gallery.max_blocks(family)
+        if header.block_count > most:
+            raise LimitExceededError(f"a gallery of {header.block_count} blocks exceeds this "
+                                     f"server's gallery quota ({most} blocks)")
+        blocks: list[tuple[list[bytes], list[int]]] = []
+        for b in parts:
+            if len(blocks) == header.block_count:
+                raise MalformedInputError(f"more blocks than the {header.block_count} the "
+                                          "header announced")
+            blocks.append((list(b.ciphertexts.items), list(b.slots)))
         if len(blocks) != header.block_count:
             raise MalformedInputError(f"{len(blocks)} blocks arrived, the header announced "
                                       f"{header.block_count}: retry")
@@ -80,9 +98,17 @@ class FaceServicer(faces_pb2_grpc.FaceServiceServicer):
                    context: grpc.ServicerContext) -> Iterator[faces_pb2.MatchFacesResponse]:
         family = authenticate(self.store, context)
         faces = [list(face.items) for face in request.faces]
-        for result in self.gallery.match(family, faces):
-            if not context.is_active():  # the phone gave up: stop computing
-                return
-            yield faces_pb2.MatchFacesResponse(face=result.face, block=result.block,
-                                               distances=result.distances,
-                                               position_slots=result.position_slots)
+        evaluated = 0
+        with self.streams.hold(family.family_id):
+            try:
+                # The gallery checks context.is_active() before every (face, block): a
+                # cancelled call or a passed deadline stops the work, not just the sending.
+                for result in self.gallery.match(family, faces, context.is_active):
+                    evaluated += 1
+                    yield faces_pb2.MatchFacesResponse(face=result.face, block=result.block,
+                                                       distances=result.distances,
+                                                       position_slots=result.position_slots)
+            finally:
+                if not context.is_active():
+                    log.info("family %s: MatchFaces cancelled after %d (face, block) "
+                             "evaluations", family.family_id, evaluated)

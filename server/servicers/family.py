@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -14,6 +14,7 @@ from privface.v1 import family_pb2, family_pb2_grpc
 from server.auth import authenticate
 from server.config import ServerConfig
 from server.errors import grpc_errors
+from server.limits import ResourceLimits
 from server.storage import BAD_INVITE, Family, Store
 from server.uploads import CheckedChunks, check_limit
 
@@ -51,10 +52,14 @@ def check_sealed_name(sealed_name: bytes) -> None:
 class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
     """Registration, key upload, devices and sealed items."""
 
-    def __init__(self, store: Store, config: ServerConfig, on_context_change=None) -> None:
+    def __init__(self, store: Store, config: ServerConfig, on_context_change=None,
+                 limits: ResourceLimits | None = None,
+                 on_family_deleted: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.config = config
         self._on_context_change = on_context_change
+        self.limits = limits or ResourceLimits.from_config(config)
+        self._on_family_deleted = on_family_deleted  # evicts in-memory caches
 
     # -- registration and keys -----------------------------------------------------------
 
@@ -80,6 +85,12 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
                             context: grpc.ServicerContext
                             ) -> family_pb2.UploadPublicContextResponse:
         family = authenticate(self.store, context)
+        with self.limits.streams.hold(family.family_id):  # before waiting for the body
+            return self._upload_context(family, request_iterator)
+
+    def _upload_context(self, family: Family,
+                        request_iterator: Iterator[family_pb2.UploadPublicContextRequest]
+                        ) -> family_pb2.UploadPublicContextResponse:
         first = next(request_iterator, None)
         if first is None:
             raise MalformedInputError("empty upload: send the context in chunks")
@@ -203,3 +214,22 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
             log.info("family %s: device %s revoked device %s", family.family_id,
                      family.device_id, request.device_id)
         return family_pb2.RevokeDeviceResponse()
+
+    # -- deleting the family -------------------------------------------------------------
+
+    @grpc_errors
+    def DeleteFamily(self, request: family_pb2.DeleteFamilyRequest,
+                     context: grpc.ServicerContext) -> family_pb2.DeleteFamilyResponse:
+        family = authenticate(self.store, context)
+        if request.confirm_family_id != family.family_id:
+            raise MalformedInputError("confirm_family_id must be the calling family's own id: "
+                                      "deleting a family needs that explicit confirmation")
+        gone = self.store.delete_family(family.family_id)
+        if self._on_family_deleted:
+            self._on_family_deleted(family.family_id)
+        log.info("family %s deleted by device %s: %d photos, %d gallery entries, %d devices, "
+                 "%d sealed items, %d files", family.family_id, family.device_id, gone.photos,
+                 gone.gallery_entries, gone.devices, gone.sealed_items, gone.files)
+        return family_pb2.DeleteFamilyResponse(
+            photos_deleted=gone.photos, gallery_entries_deleted=gone.gallery_entries,
+            devices_deleted=gone.devices, sealed_items_deleted=gone.sealed_items)

@@ -15,8 +15,9 @@ from server.auth import authenticate
 from server.config import ServerConfig
 from server.errors import grpc_errors
 from server.label_index import LabelSearch
+from server.limits import ResourceLimits
 from server.servicers.chunks import header_then_parts
-from server.storage import PHOTO_ID_RE, Store, write_file_atomically
+from server.storage import PHOTO_ID_RE, Family, Store, write_file_atomically
 from server.uploads import CheckedChunks, check_limit
 
 log = logging.getLogger(__name__)
@@ -46,15 +47,22 @@ def _pages(ids: list[str], page_size: int) -> Iterator[list[str]]:
 class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
     """Photo storage and search for authenticated families."""
 
-    def __init__(self, store: Store, config: ServerConfig, search: LabelSearch) -> None:
+    def __init__(self, store: Store, config: ServerConfig, search: LabelSearch,
+                 limits: ResourceLimits | None = None) -> None:
         self.store = store
         self.config = config
         self.search = search
+        self.limits = limits or ResourceLimits.from_config(config)
 
     @grpc_errors
     def BackupPhoto(self, request_iterator: Iterator[photos_pb2.BackupPhotoRequest],
                     context: grpc.ServicerContext) -> photos_pb2.BackupPhotoResponse:
         family = authenticate(self.store, context)
+        with self.limits.streams.hold(family.family_id):  # before waiting for the body
+            return self._backup(family, request_iterator)
+
+    def _backup(self, family: Family, request_iterator: Iterator[photos_pb2.BackupPhotoRequest]
+                ) -> photos_pb2.BackupPhotoResponse:
         header, chunks = header_then_parts(request_iterator, "BackupPhoto", "chunk")
         _check_photo_id(header.photo_id)
         check_limit(header.blob_size, self.config.max_photo_bytes, "photo")
@@ -69,6 +77,10 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
                 f"encrypted_labels must be {family.label_dim} finite float64 values")
         if len(header.blob_sha256) != 32:
             raise MalformedInputError("blob_sha256 must be 32 bytes")
+        if not self.store.has_photo(family.family_id, header.photo_id):  # a retry is answered
+            # Refused before the body is read; put_photo checks again, exactly.
+            self.limits.photos.check(*self.store.photo_usage(family.family_id),
+                                     header.blob_size + len(header.encrypted_thumbnail))
 
         path = self.store.new_blob_path(family.family_id, header.photo_id)
         checked = CheckedChunks(chunks, header.blob_size, "photo blob")
@@ -80,7 +92,7 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
             raise
         _, created = self.store.put_photo(
             family.family_id, header.photo_id, path, header.blob_size, header.blob_sha256,
-            header.encrypted_labels, header.encrypted_thumbnail or None)
+            header.encrypted_labels, header.encrypted_thumbnail or None, self.limits.photos)
         if created:
             self.search.photo_added(family.family_id, header.photo_id, header.encrypted_labels)
             log.info("family %s stored photo %s (%d bytes)", family.family_id, header.photo_id,
@@ -100,6 +112,8 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
         log.info("family %s search: %d matches in %.1f ms", family.family_id,
                  len(result.photo_ids), result.server_ms)
         for i, page in enumerate(_pages(result.photo_ids, request.page_size)):
+            if not context.is_active():  # the phone gave up: send no more pages
+                return
             yield photos_pb2.SearchPhotosResponse(
                 photo_ids=page, total_matches=len(result.photo_ids),
                 server_ms=result.server_ms if i == 0 else 0.0)
@@ -108,6 +122,11 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
     def FetchPhoto(self, request: photos_pb2.FetchPhotoRequest,
                    context: grpc.ServicerContext) -> Iterator[photos_pb2.FetchPhotoResponse]:
         family = authenticate(self.store, context)
+        with self.limits.streams.hold(family.family_id):
+            yield from self._fetch(family, request, context)
+
+    def _fetch(self, family: Family, request: photos_pb2.FetchPhotoRequest,
+               context: grpc.ServicerContext) -> Iterator[photos_pb2.FetchPhotoResponse]:
         _check_photo_id(request.photo_id)
         record = self.store.get_photo(family.family_id, request.photo_id)
         if request.thumbnail_only:
