@@ -13,6 +13,7 @@ from pathlib import Path
 from server import tls, vendor_token
 from server.app import create_server
 from server.config import ServerConfig, parse_config
+from server.limits import ResourceConfigError
 
 log = logging.getLogger("privface.server")
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server, port, health_servicer = create_server(config)
-    except tls.TransportConfigError as exc:
+    except (tls.TransportConfigError, ResourceConfigError) as exc:
         log.error("%s", exc)
         return 2
     server.start()

@@ -48,7 +48,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     """A started-ready (not yet started) server bound to config.address; returns its port.
     Serves TLS, or plaintext only with config.insecure (TransportConfigError otherwise)."""
     credentials = server_credentials(config)
-    limits = ResourceLimits.from_config(config)  # ValueError for an impossible thread budget
+    limits = ResourceLimits.from_config(config)  # refuses an impossible thread budget
     store = Store(config.data_dir)
     store.sweep_orphans()
     search = LabelSearch(store)

@@ -262,17 +262,21 @@ class PhotoQuota:
                 "(privface delete) or ask the server operator to raise --max-family-bytes")
 
 
+class ResourceConfigError(ValueError):
+    """Resource settings that cannot work together (the server refuses to start)."""
+
+
 def check_thread_budget(config: ServerConfig) -> None:
-    """ValueError unless streams leave worker threads free for short calls."""
+    """ResourceConfigError unless streams leave worker threads free for short calls."""
     streams = config.max_streams + config.max_public_streams
     if streams >= config.workers:
-        raise ValueError(
+        raise ResourceConfigError(
             f"--max-streams ({config.max_streams}) + --max-public-streams "
             f"({config.max_public_streams}) must stay below --workers ({config.workers}), so "
             "that short calls and health checks always find a free worker")
     if min(config.max_streams, config.max_family_streams, config.max_public_streams,
            config.max_calls_per_address, config.stream_idle_seconds) <= 0:
-        raise ValueError("--max-streams, --max-family-streams, --max-public-streams, "
+        raise ResourceConfigError("--max-streams, --max-family-streams, --max-public-streams, "
                          "--max-calls-per-address and --stream-idle-seconds must be positive")
 
 
@@ -288,7 +292,7 @@ class ResourceLimits:
     @classmethod
     def from_config(cls, config: ServerConfig, clock: Clock = time.monotonic
                     ) -> ResourceLimits:
-        """The limits a config asks for (ValueError for an inconsistent thread budget)."""
+        """The limits a config asks for (ResourceConfigError for an impossible budget)."""
         check_thread_budget(config)
         return cls(StreamSlots(config.max_streams, config.max_family_streams),
                    HourlyQuota(config.max_detect_windows_per_hour, "detection window",
