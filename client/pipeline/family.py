@@ -98,9 +98,15 @@ def _item_name(item: str) -> str:
 # -- the shared roster -------------------------------------------------------------------
 
 
+ROSTER_PAD_BYTES = 4096
+
+
 def _roster_bytes(bundle: FamilyBundle) -> bytes:
-    return json.dumps({"capacity": bundle.capacity, "roster": bundle.roster},
-                      sort_keys=True).encode()
+    """The roster as JSON padded with spaces to a multiple of ROSTER_PAD_BYTES, so the
+    sealed item's size does not tell the server how many members or how long their names."""
+    raw = json.dumps({"capacity": bundle.capacity, "roster": bundle.roster},
+                     sort_keys=True).encode()
+    return raw + b" " * (-len(raw) % ROSTER_PAD_BYTES)
 
 
 def _read_roster(bundle: FamilyBundle, version: int, blob: bytes) -> dict[str, int]:

@@ -195,3 +195,15 @@ def test_second_phone_adopts_the_family_keys(cli_env: Path, capsys) -> None:
         assert main([*phone, "people"]) == 0
         listing = capsys.readouterr().out
         assert "Obama" in listing and "Biden" in listing
+
+
+def test_sealed_roster_size_does_not_follow_the_names(cli_env: Path, address: str) -> None:
+    from client.config import ClientConfig
+    from client.session import FamilySession
+    assert main(["family", "create"]) == 0
+    sizes = []
+    with FamilySession(cli_env / "family.bundle", PASSPHRASE, ClientConfig.load()) as s:
+        for names in (["Al"], ["Bartholomew-Alexander"], ["C", "Dorothea", "E"]):
+            s.add_members(names)
+            sizes.append(len(s.client.get_sealed_item("roster")[1]))
+    assert len(set(sizes)) == 1
