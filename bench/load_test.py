@@ -861,14 +861,14 @@ def summarise(result: LoadResult, mix: dict[str, int]) -> dict[str, Any]:
     for kind, name in RPC_NAMES.items():
         times = np.array(result.samples.get(name, []))
         errs = result.errors.get(name, Counter())
-        p50, p95, p99 = (np.percentile(times, [50, 95, 99]) if times.size else
-                         (float("nan"),) * 3)
+        stats: dict[str, float | None] = dict.fromkeys(
+            ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms"))  # null: the RPC never ran
+        if times.size:
+            p50, p95, p99 = np.percentile(times, [50, 95, 99])
+            stats = {k: round(float(v), 1) for k, v in zip(
+                stats, (p50, p95, p99, times.mean(), times.max()), strict=True)}
         entry = {"rpc": name, "weight": mix.get(kind, 0), "requests": int(times.size),
-                 "errors": dict(errs), "rps": round(times.size / result.seconds, 2),
-                 "p50_ms": round(float(p50), 1), "p95_ms": round(float(p95), 1),
-                 "p99_ms": round(float(p99), 1),
-                 "mean_ms": round(float(times.mean()), 1) if times.size else float("nan"),
-                 "max_ms": round(float(times.max()), 1) if times.size else float("nan")}
+                 "errors": dict(errs), "rps": round(times.size / result.seconds, 2), **stats}
         reported = result.server_ms.get(name)
         if reported:
             entry["server_reported_p50_ms"] = round(float(np.median(reported)), 2)
@@ -896,7 +896,8 @@ def print_report(figures: dict[str, Any]) -> None:
     for entry in figures["rpcs"].values():
         errs = ", ".join(f"{c} x{n}" for c, n in sorted(entry["errors"].items())) or "0"
         rows.append([entry["rpc"], f"{entry['weight']}%", entry["requests"], errs,
-                     entry["rps"], entry["p50_ms"], entry["p95_ms"], entry["p99_ms"]])
+                     entry["rps"], *(("-" if entry[k] is None else entry[k])
+                                     for k in ("p50_ms", "p95_ms", "p99_ms"))])
     rows.append(["all", "", figures["requests_total"], str(figures["errors_total"]),
                  figures["rps_total"], "", "", ""])
     print_table(["RPC", "mix", "requests", "errors", "req/s", "p50 ms", "p95 ms", "p99 ms"],
