@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from client.pipeline import faces
 from client.pipeline import photos as pipeline
 from client.pipeline.family import create_family
 from client.rpc import Credentials, PrivfaceClient
 from common import labels, photo_crypto
+from common.errors import (
+    AlreadyExistsError,
+    AuthenticationError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+)
 from server.app import create_server
 from server.config import ServerConfig
+from server.limits import PhotoQuota
+from server.storage import (
+    DEFAULT_INVITE_TTL,
+    MAX_INVITE_TTL,
+    MAX_LIVE_INVITES,
+    Store,
+    write_file_atomically,
+)
 from server.tls import DevCerts
 from tests.conftest import enroll_embeddings, tls_server_config
 from tests.server.test_photo_service import _photo_bytes
@@ -83,3 +101,134 @@ def test_racing_identical_uploads_store_one_photo(family, server) -> None:
     blobs = [p for p in (server[1].data_dir / "blobs" / bundle.family_id).iterdir()]
     assert len(blobs) == 1
     assert pipeline.fetch_photo(client, bundle, photo_id) == data
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _put(store: Store, family_id: str, photo_id: str, blob: bytes,
+         thumbnail: bytes | None = None, quota: PhotoQuota | None = None) -> tuple[int, bool]:
+    path = store.new_blob_path(family_id, photo_id)
+    write_file_atomically(path, blob)
+    return store.put_photo(family_id, photo_id, path, len(blob), hashlib.sha256(blob).digest(),
+                           b"labels-" + photo_id.encode(), thumbnail, quota)
+
+
+def _blob_files(store: Store, family_id: str) -> list[str]:
+    return sorted(p.name for p in (store.blob_root / family_id).glob("*.blob"))
+
+
+def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    family_id, _ = store.create_family(b"fp", 3)
+    seq1, created1 = _put(store, family_id, "a" * 32, b"x" * 100, b"t" * 10)
+    seq2, created2 = _put(store, family_id, "b" * 32, b"y" * 50)
+    assert created1 and created2 and seq2 > seq1
+    record = store.get_photo(family_id, "a" * 32)
+    assert (record.photo_id, record.seq, record.blob_size) == ("a" * 32, seq1, 100)
+    assert record.blob_sha256 == hashlib.sha256(b"x" * 100).digest()
+    assert (record.labels, record.thumbnail) == (b"labels-" + b"a" * 32, b"t" * 10)
+    assert record.blob_path.read_bytes() == b"x" * 100
+    assert store.has_photo(family_id, "a" * 32) and not store.has_photo(family_id, "c" * 32)
+    assert store.photo_usage(family_id) == (2, 160)  # blobs and thumbnails
+    assert Store(tmp_path / "s").photo_usage(family_id) == (2, 160)  # as counted from the rows
+
+    # The same photo again: acknowledged, the second copy removed; another blob: refused.
+    assert _put(store, family_id, "a" * 32, b"x" * 100, b"t" * 10) == (seq1, False)
+    with pytest.raises(AlreadyExistsError):
+        _put(store, family_id, "a" * 32, b"z" * 100)
+    assert len(_blob_files(store, family_id)) == 2
+    assert store.photo_usage(family_id) == (2, 160)
+
+    # Over the quota: refused, its file removed, the usage recounted right.
+    with pytest.raises(LimitExceededError):
+        _put(store, family_id, "c" * 32, b"w" * 100, quota=PhotoQuota(10, 200))
+    assert len(_blob_files(store, family_id)) == 2
+    assert store.photo_usage(family_id) == (2, 160)
+    _put(store, family_id, "c" * 32, b"w" * 40, quota=PhotoQuota(10, 200))
+    assert store.photo_usage(family_id) == (3, 200)
+
+    assert store.delete_photo(family_id, "a" * 32) == seq1
+    assert store.photo_usage(family_id) == (2, 90)
+    assert not record.blob_path.exists()
+    store.get_photo(family_id, "b" * 32).blob_path.unlink()  # a row whose file was lost
+    store.delete_photo(family_id, "b" * 32)  # can still be deleted
+    assert store.photo_usage(family_id) == (1, 40)
+    with pytest.raises(NotFoundError):
+        store.delete_photo(family_id, "a" * 32)
+    other, _ = store.create_family(b"fp", 3)
+    assert store.photo_usage(other) == (0, 0)
+    with pytest.raises(NotFoundError):
+        store.get_photo(other, "b" * 32)
+
+
+def test_store_family_deletion_counts_and_forgets_usage(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    family_id, _ = store.create_family(b"fp", 3, device_id="d1")
+    token = store.join_family(family_id, store.create_invite(family_id)[0], "d2", b"name")
+    assert store.authenticate(family_id, token).device_id == "d2"
+    store.put_sealed(family_id, "roster", 0, b"sealed")
+    _put(store, family_id, "a" * 32, b"x" * 10)
+    _put(store, family_id, "b" * 32, b"y" * 10)
+    assert store.photo_usage(family_id) == (2, 20)
+    deletion = store.delete_family(family_id)
+    assert (deletion.photos, deletion.devices, deletion.sealed_items, deletion.files) == (
+        2, 2, 1, 2)
+    assert store.photo_usage(family_id) == (0, 0)
+    assert store.delete_family(family_id).photos == 0
+
+
+def test_store_invitations(tmp_path: Path) -> None:
+    clock = _Clock()
+    store = Store(tmp_path / "s", clock=clock)
+    family_id, _ = store.create_family(b"fp", 3, device_id="d1")
+    assert store.create_invite(family_id, ttl_seconds=1)[1] == clock.now + 1
+    assert store.create_invite(family_id, ttl_seconds=0)[1] == clock.now + DEFAULT_INVITE_TTL
+    assert store.create_invite(family_id, ttl_seconds=1e9)[1] == clock.now + MAX_INVITE_TTL
+    short = store.create_invite(family_id, ttl_seconds=10)[0]
+    for _ in range(MAX_LIVE_INVITES - 4):
+        store.create_invite(family_id)
+    with pytest.raises(LimitExceededError, match="unused invitations"):
+        store.create_invite(family_id)
+    clock.now += 11  # two have expired: room for two more
+    with pytest.raises(AuthenticationError):
+        store.join_family(family_id, short, "d2", b"")
+    store.create_invite(family_id)
+    invite = store.create_invite(family_id)[0]
+    with pytest.raises(LimitExceededError):
+        store.create_invite(family_id)
+    assert len(invite) >= 43  # 32 random bytes
+    token = store.join_family(family_id, invite, "d2", b"")
+    with pytest.raises(AuthenticationError):  # used exactly once
+        store.join_family(family_id, invite, "d3", b"")
+    with pytest.raises(AlreadyExistsError):
+        store.join_family(family_id, store.create_invite(family_id)[0], "d2", b"")
+    assert store.authenticate(family_id, token).device_id == "d2"
+
+
+def test_store_revocation(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    family_id, first = store.create_family(b"fp", 3, device_id="d1")
+    second = store.join_family(family_id, store.create_invite(family_id)[0], "d2", b"")
+    by_d2 = store.create_invite(family_id, created_by="d2")[0]
+    by_d1 = store.create_invite(family_id, created_by="d1")[0]
+    assert store.revoke_device(family_id, "d2", "d1") is True
+    assert store.revoke_device(family_id, "d2", "d1") is False  # already revoked
+    with pytest.raises(PermissionDeniedError):
+        store.authenticate(family_id, second)
+    with pytest.raises(AuthenticationError):  # its invitations went with it
+        store.join_family(family_id, by_d2, "d3", b"")
+    assert store.join_family(family_id, by_d1, "d4", b"")
+    with pytest.raises(PreconditionError):
+        store.revoke_device(family_id, "d1", "d1")
+    with pytest.raises(NotFoundError):
+        store.revoke_device(family_id, "d9", "d1")
+    assert store.revoke_device(family_id, "d4", "d1") is True
+    with pytest.raises(PreconditionError, match="last active device"):
+        store.revoke_device(family_id, "d1", "d4")
+    assert store.authenticate(family_id, first).device_id == "d1"

@@ -25,8 +25,10 @@ from common.errors import (
     PreconditionError,
 )
 from privface.v1 import photos_pb2
+from server.app import create_server
+from server.tls import DevCerts
 from tests.conftest import channel as tls_channel
-from tests.conftest import require_data
+from tests.conftest import require_data, tls_server_config
 
 PEOPLE = {"mum_tom": ["Mum", "Tom"], "mum": ["Mum"], "tom_dad": ["Tom", "Dad"],
           "all": ["Mum", "Tom", "Dad"], "nobody": []}
@@ -199,3 +201,100 @@ def test_real_photos_round_trip(family) -> None:
         data = Path(path).read_bytes()
         receipt = pipeline.backup_photo(client, bundle, data, [0, 1])
         assert pipeline.fetch_photo(client, bundle, receipt.photo_id) == data
+
+
+def test_fetch_announces_size_and_hash_then_sends_bounded_chunks(family) -> None:
+    """The first message carries the blob's size and SHA-256, every chunk is at most 1 MiB,
+    and a thumbnail comes whole with its size."""
+    client, bundle = family
+    photo_id = secrets.token_hex(16)
+    blob = secrets.token_bytes(2 * 1024 * 1024 + 12345)
+    client.backup_photo(photo_id, blob, pipeline.encrypt_labels(bundle, [0]),
+                        bundle.label_key.fingerprint(), encrypted_thumbnail=b"thumb" * 10)
+    messages = list(client.photos.FetchPhoto(photos_pb2.FetchPhotoRequest(photo_id=photo_id),
+                                             timeout=30, metadata=client.metadata()))
+    assert messages[0].blob_size == len(blob)
+    assert messages[0].blob_sha256 == hashlib.sha256(blob).digest()
+    assert [len(m.chunk) for m in messages] == [1024 * 1024, 1024 * 1024, 12345]
+    assert b"".join(m.chunk for m in messages) == blob
+    (thumb,) = client.photos.FetchPhoto(
+        photos_pb2.FetchPhotoRequest(photo_id=photo_id, thumbnail_only=True), timeout=30,
+        metadata=client.metadata())
+    assert (thumb.blob_size, thumb.chunk) == (50, b"thumb" * 10)
+
+
+def test_label_vectors_of_a_partial_float_are_invalid_argument(family) -> None:
+    client, bundle = family
+    labels_ct = pipeline.encrypt_labels(bundle, [0])
+    for bad in (labels_ct[:-1], labels_ct + b"\0" * 3):
+        with pytest.raises(MalformedInputError, match="float64"):
+            client.backup_photo(secrets.token_hex(16), b"x", bad,
+                                bundle.label_key.fingerprint())
+    assert client.list_photos() == []
+
+
+def test_photo_quota_holds_against_racing_uploads_and_retries(tmp_path: Path,
+                                                              tls_certs: DevCerts) -> None:
+    """The quota (2 photos here) is checked before the body is read and again, exactly,
+    when the photo commits: an upload that passed the first check while another one
+    completed is still refused; a retry of a stored photo is acknowledged at the quota."""
+    config = tls_server_config(tls_certs, data_dir=tmp_path / "data", max_family_photos=2)
+    server, port, _ = create_server(config)
+    server.start()
+    try:
+        with PrivfaceClient(f"127.0.0.1:{port}") as client:
+            bundle = create_family(client)
+            labels_ct, fp = pipeline.encrypt_labels(bundle, [0]), bundle.label_key.fingerprint()
+            first, late, other = (secrets.token_hex(16) for _ in range(3))
+            assert client.backup_photo(first, b"first", labels_ct, fp) is False
+            go, outcome = threading.Event(), {}
+            header = photos_pb2.PhotoHeader(
+                photo_id=late, blob_size=4, blob_sha256=hashlib.sha256(b"late").digest(),
+                encrypted_labels=labels_ct, label_key_fingerprint=fp)
+
+            def slow():
+                yield photos_pb2.BackupPhotoRequest(header=header)
+                go.wait(20)
+                yield photos_pb2.BackupPhotoRequest(chunk=b"late")
+
+            def upload() -> None:
+                try:
+                    client.photos.BackupPhoto(slow(), timeout=30, metadata=client.metadata())
+                    outcome["code"] = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    outcome["code"] = exc.code()
+
+            racer = threading.Thread(target=upload)
+            racer.start()
+            threading.Event().wait(1.0)  # its header has passed the first check (1 of 2)
+            client.backup_photo(other, b"other", labels_ct, fp)  # now 2 of 2
+            go.set()
+            racer.join(30)
+            assert outcome["code"] is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert sorted(client.list_photos()) == sorted([first, other])
+            assert client.backup_photo(first, b"first", labels_ct, fp) is True  # a retry
+
+            answered = threading.Event()
+
+            def header_then_lost():
+                yield photos_pb2.BackupPhotoRequest(header=photos_pb2.PhotoHeader(
+                    photo_id=secrets.token_hex(16), blob_size=5,
+                    blob_sha256=hashlib.sha256(b"third").digest(),
+                    encrypted_labels=labels_ct, label_key_fingerprint=fp))
+                if not answered.wait(5):  # a server waiting for the body gets none
+                    raise RuntimeError("the body never comes")
+
+            with pytest.raises(grpc.RpcError) as refused:  # refused before the body
+                client.photos.BackupPhoto(header_then_lost(), timeout=30,
+                                          metadata=client.metadata())
+            answered.set()
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            response = client.photos.BackupPhoto(
+                iter([photos_pb2.BackupPhotoRequest(header=photos_pb2.PhotoHeader(
+                    photo_id=other, blob_size=5, blob_sha256=hashlib.sha256(b"other").digest(),
+                    encrypted_labels=labels_ct, label_key_fingerprint=fp)),
+                      photos_pb2.BackupPhotoRequest(chunk=b"other")]),
+                timeout=30, metadata=client.metadata())
+            assert (response.photo_id, response.already_stored) == (other, True)
+    finally:
+        server.stop(0).wait()

@@ -13,8 +13,9 @@ from client.pipeline import faces
 from client.pipeline import photos as pipeline
 from client.rpc import PrivfaceClient
 from common import labels
-from common.errors import NotFoundError
-from server.label_index import FamilyLabelIndex
+from common.errors import MalformedInputError, NotFoundError
+from server.label_index import MAX_TOP_N, FamilyLabelIndex, LabelSearch
+from server.storage import Store
 from tests.conftest import connect, enroll_embeddings
 
 ALL, ANY, RANKED = labels.MatchMode.ALL, labels.MatchMode.ANY, labels.MatchMode.RANKED
@@ -143,3 +144,68 @@ def test_member_removal_then_identify_then_re_enrolment(family) -> None:
     client.remove_gallery_slot(bundle.remove_member("Cat"))
     assert names() == [None, "Ben", None]
     assert faces.gallery_counts(client) == {bundle.slot_of("Ben"): 1}
+
+
+def _rows(vectors: dict[str, list[float]]) -> list[tuple[str, bytes]]:
+    return [(pid, np.array(v, "<f8").tobytes()) for pid, v in vectors.items()]
+
+
+def test_label_index_keeps_strictly_positive_scores_newest_first() -> None:
+    """The threshold is folded into the vectors: a score of exactly 0 is no match."""
+    index = FamilyLabelIndex(2)
+    index.add_many(_rows({"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [2.0, 1.0], "d": [-1.0, 0.0]}))
+    assert index.search(np.array([1.0, 0.0]), ALL, 0).photo_ids == ["c", "a"]
+    assert index.search(np.array([1.0, 0.0]), RANKED, 10).photo_ids == ["c", "a"]
+    assert index.search(np.array([1.0, 0.0]), RANKED, 1).photo_ids == ["c"]
+
+
+def test_ranked_ties_keep_upload_order_in_large_results() -> None:
+    """Hundreds of equal scores (an unstable sort reorders them) stay oldest first, after
+    every higher score."""
+    index = FamilyLabelIndex(1)
+    scores = {f"{i:04d}": [1.0 + (i % 3 == 0)] for i in range(300)}
+    index.add_many(_rows(scores))
+    expected = ([pid for pid, s in scores.items() if s[0] == 2.0]
+                + [pid for pid, s in scores.items() if s[0] == 1.0])
+    assert index.search(np.array([1.0]), RANKED, 300).photo_ids == expected
+
+
+def test_label_index_grows_past_its_first_block_and_forgets_unknown_ids() -> None:
+    index = FamilyLabelIndex(1)
+    for start in range(0, 2100, 700):
+        index.add_many(_rows({f"{i:05d}": [1.0] for i in range(start, start + 700)}))
+    assert len(index) == 2100
+    index.remove("never-added")
+    index.remove("00000")
+    index.remove("00000")
+    found = index.search(np.array([1.0]), ALL, 0).photo_ids
+    assert len(found) == 2099 and found[0] == "02099" and found[-1] == "00001"
+
+
+def test_label_search_caches_each_family_and_forgets_it(tmp_path) -> None:
+    store = Store(tmp_path / "store")
+    fam_a, _ = store.create_family(b"fp", 1)
+    fam_b, _ = store.create_family(b"fp", 1)
+    store.bulk_insert_labels(fam_a, _rows({"a1": [1.0]}))
+    store.bulk_insert_labels(fam_b, _rows({"b1": [1.0]}))
+    search = LabelSearch(store)
+    query = np.array([1.0], "<f8").tobytes()
+
+    def found(family_id: str) -> list[str]:
+        return search.search(family_id, 1, b"fp", b"fp", query, ALL, 0).photo_ids
+
+    assert (found(fam_a), found(fam_b)) == (["a1"], ["b1"])
+    assert search.index(fam_a, 1) is search.index(fam_a, 1)  # loaded once, then kept
+    store.bulk_insert_labels(fam_a, _rows({"a2": [1.0]}))  # behind the index's back
+    assert found(fam_a) == ["a1"]
+    search.forget(fam_a)
+    search.forget("fam_never_seen")
+    assert found(fam_a) == ["a2", "a1"] and found(fam_b) == ["b1"]
+    search.photo_added(fam_b, "b2", np.array([1.0], "<f8").tobytes())
+    search.photo_removed(fam_b, "b1")
+    assert found(fam_b) == ["b2"]
+    assert search.search(fam_a, 1, b"fp", b"fp", query, RANKED, MAX_TOP_N).photo_ids == [
+        "a1", "a2"]
+    for top_n in (0, MAX_TOP_N + 1):
+        with pytest.raises(MalformedInputError, match="top_n"):
+            search.search(fam_a, 1, b"fp", b"fp", query, RANKED, top_n)
