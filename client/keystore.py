@@ -30,6 +30,11 @@ SALT_BYTES = 16
 NONCE_BYTES = 12
 TAG_BYTES = 16
 MAX_NAME_LENGTH = 64
+# Bounds on the KDF parameters a bundle's header may ask for: the header is authenticated
+# only after the key is derived, so an altered one must not make the phone derive for
+# minutes or with gigabytes of memory first.
+MAX_SCRYPT_N = 2**20
+MAX_SCRYPT_RP = 16
 
 
 @dataclass
@@ -201,11 +206,19 @@ def load_bundle(path: Path, passphrase: str) -> FamilyBundle:
     (header_len,) = struct.unpack_from("<I", blob, off)
     off += 4
     header_raw = blob[off:off + header_len]
-    header = json.loads(header_raw)
     off += header_len
+    try:
+        header = json.loads(header_raw)
+        salt = bytes.fromhex(header["salt"])
+        n, r, p = (int(header[k]) for k in ("n", "r", "p"))
+    except (ValueError, KeyError, TypeError):
+        raise MalformedInputError(
+            f"{path} is not a privface family bundle (unreadable header)") from None
+    if (header.get("kdf") != "scrypt" or not 2 <= n <= MAX_SCRYPT_N or n & (n - 1)
+            or not 1 <= r <= MAX_SCRYPT_RP or not 1 <= p <= MAX_SCRYPT_RP):
+        raise MalformedInputError(f"{path} asks for key derivation parameters out of bounds")
     nonce, body = blob[off:off + NONCE_BYTES], blob[off + NONCE_BYTES:]
-    key = _derive(passphrase, bytes.fromhex(header["salt"]), header["n"], header["r"],
-                  header["p"])
+    key = _derive(passphrase, salt, n, r, p)
     cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
     cipher.update(MAGIC + header_raw)
     try:

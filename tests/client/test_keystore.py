@@ -252,3 +252,41 @@ def test_roster_lookups_and_renames() -> None:
     assert bundle.roster == {"Anna": 0, "B": 1}
     with pytest.raises(NotFoundError):
         bundle.remove_member("Zed")
+
+
+def _with_header(header: bytes, rest: bytes = b"n" * 12 + b"body" + b"t" * 16) -> bytes:
+    return keystore.MAGIC + struct.pack("<I", len(header)) + header + rest
+
+
+@pytest.mark.parametrize("header", [b"", b"{", b"[]", b'{"kdf": "scrypt"}',
+                                    b'{"kdf": "scrypt", "n": 1024, "r": 8, "p": 1, "salt": "zz"}'],
+                         ids=["empty", "cut", "list", "no-params", "bad-salt"])
+def test_an_unreadable_header_is_not_a_bundle(tmp_path: Path, header: bytes) -> None:
+    (tmp_path / "x").write_bytes(_with_header(header))
+    with pytest.raises(MalformedInputError, match="not a privface family bundle"):
+        load_bundle(tmp_path / "x", "a good passphrase")
+
+
+@pytest.mark.parametrize("params", [(2**21, 8, 1), (1000, 8, 1), (1, 8, 1), (2**10, 17, 1),
+                                    (2**10, 8, 0), (2**10, 8, 17)],
+                         ids=["huge-n", "n-not-power-of-two", "n-1", "r", "p-0", "p"])
+def test_key_derivation_parameters_are_bounded_before_deriving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: tuple[int, int, int]) -> None:
+    """The header is authenticated only by the key it derives: a forged one asking for a
+    huge scrypt cost is refused without deriving anything."""
+    n, r, p = params
+    header = json.dumps({"kdf": "scrypt", "n": n, "r": r, "p": p, "salt": "00" * 16}).encode()
+    (tmp_path / "x").write_bytes(_with_header(header))
+
+    def no_derivation(*args: object) -> bytes:
+        raise AssertionError("derived a key from out-of-bounds parameters")
+
+    monkeypatch.setattr(keystore, "_derive", no_derivation)
+    with pytest.raises(MalformedInputError, match="out of bounds"):
+        load_bundle(tmp_path / "x", "a good passphrase")
+    for n, r, p in ((2**20, 16, 16), (2, 1, 1)):  # at the bounds: derivation starts
+        bounded = json.dumps({"kdf": "scrypt", "n": n, "r": r, "p": p,
+                              "salt": "00" * 16}).encode()
+        (tmp_path / "y").write_bytes(_with_header(bounded))
+        with pytest.raises(AssertionError, match="derived"):
+            load_bundle(tmp_path / "y", "a good passphrase")
