@@ -68,7 +68,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
 
     family_pb2_grpc.add_FamilyServiceServicer_to_server(
         FamilyServicer(store, config, on_context_change=gallery.forget, limits=limits,
-                       on_family_deleted=forget_family), server)
+                       on_family_deleted=forget_family, check_context=gallery.check_context),
+        server)
     photos_pb2_grpc.add_PhotoServiceServicer_to_server(
         PhotoServicer(store, config, search, limits), server)
     faces_pb2_grpc.add_FaceServiceServicer_to_server(FaceServicer(store, gallery, limits), server)

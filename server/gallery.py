@@ -112,9 +112,33 @@ class GalleryService:
                 layout = self.store.gallery_layout(family.family_id)
                 blocks = [unpack_ciphertexts(self.store.gallery_block(family.family_id, b) or b"")
                           for b in sorted(layout)]
-                gallery = _FamilyGallery(public, blocks)
+                try:
+                    gallery = _FamilyGallery(public, blocks)
+                except ValueError as exc:  # stored by a server without check_context
+                    raise PreconditionError(
+                        f"the family's encrypted gallery does not load under its stored public "
+                        f"CKKS context ({exc}): upload the family's own public context again"
+                    ) from exc
                 self._galleries[family.family_id] = gallery
             return gallery
+
+    def check_context(self, family_id: str, public: ckks.PublicContext) -> None:
+        """PreconditionError unless the family's stored gallery loads under ``public``.
+
+        A context with the family's key id but another layout, scale or parameters (its
+        header is the phone's word) would otherwise be stored, and every later gallery call
+        of the family would fail. The first and the last block are checked: every block
+        was stored under the same context."""
+        blocks = sorted(self.store.gallery_layout(family_id))
+        for block in sorted({blocks[0], blocks[-1]}) if blocks else []:
+            try:
+                ckks.prepare_block(public, unpack_ciphertexts(
+                    self.store.gallery_block(family_id, block) or b""))
+            except ValueError as exc:
+                raise PreconditionError(
+                    f"this public CKKS context does not fit the family's encrypted gallery "
+                    f"(block {block}: {exc}): upload the context of the family's own CKKS key"
+                ) from exc
 
     def layout(self, family: Family) -> tuple[ckks.GalleryLayout, dict[int, list[int]]]:
         """The packing layout and each block's position slots (-1 = dead)."""

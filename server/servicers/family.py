@@ -54,10 +54,13 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
 
     def __init__(self, store: Store, config: ServerConfig, on_context_change=None,
                  limits: ResourceLimits | None = None,
-                 on_family_deleted: Callable[[str], None] | None = None) -> None:
+                 on_family_deleted: Callable[[str], None] | None = None,
+                 check_context: Callable[[str, ckks.PublicContext], None] | None = None
+                 ) -> None:
         self.store = store
         self.config = config
         self._on_context_change = on_context_change
+        self._check_context = check_context  # the stored gallery must load under a new context
         self.limits = limits or ResourceLimits.from_config(config)
         self._on_family_deleted = on_family_deleted  # evicts in-memory caches
 
@@ -113,7 +116,11 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
         except ValueError as exc:
             raise MalformedInputError(f"not a usable public CKKS context: {exc}") from exc
         galois = len(public.layout.rotation_steps)
-        self._context_key_id(family)  # the refusal below needs the stored context's key id
+        stored_key = self._context_key_id(family)  # the store's refusal needs it recorded
+        # The store refuses another key under a gallery; a context claiming the family's key
+        # must also fit the gallery (layout, scale, parameters), or no gallery call would work.
+        if self._check_context and public.key_id == stored_key:
+            self._check_context(family.family_id, public)
         size = self.store.store_public_context(family.family_id, data, public.key_id)
         if self._on_context_change:
             self._on_context_change(family.family_id)
