@@ -587,6 +587,8 @@ class Store:
         record = self.get_photo(family_id, photo_id)
         try:
             with self._tx() as db:
+                # Counted (if not cached yet) before the row goes, or it would go twice.
+                self._change_usage(db, family_id, 0, 0)
                 if db.execute("DELETE FROM photos WHERE family_id = ? AND photo_id = ?",
                               (family_id, photo_id)).rowcount:
                     self._change_usage(db, family_id, -1,

@@ -159,6 +159,9 @@ def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
     store.get_photo(family_id, "b" * 32).blob_path.unlink()  # a row whose file was lost
     store.delete_photo(family_id, "b" * 32)  # can still be deleted
     assert store.photo_usage(family_id) == (1, 40)
+    restarted = Store(tmp_path / "s")  # nothing cached: the first change counts the rows
+    restarted.delete_photo(family_id, "c" * 32)
+    assert restarted.photo_usage(family_id) == (0, 0)
     with pytest.raises(NotFoundError):
         store.delete_photo(family_id, "a" * 32)
     other, _ = store.create_family(b"fp", 3)
