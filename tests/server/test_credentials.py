@@ -8,7 +8,8 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from client.pipeline import photos as pipeline
 from client.pipeline.family import create_family
 from client.rpc import PrivfaceClient
 from common import ckks, labels
+from common.errors import AuthenticationError
 from privface.v1 import (
     detection_pb2,
     detection_pb2_grpc,
@@ -31,7 +33,9 @@ from privface.v1 import (
     photos_pb2_grpc,
 )
 from server.app import create_server, vendor_token
+from server.auth import authenticate
 from server.config import ServerConfig
+from server.storage import Family, Store, hash_token
 from tests.conftest import channel
 
 SLOW = 120
@@ -356,3 +360,51 @@ def test_public_rpcs_work_without_credentials(world: World, lenient_server) -> N
             == UNAUTHENTICATED  # A's invitation does not open another family
         join.invite_token = invite
         assert invoke(ch, "privface.v1.FamilyService/JoinFamily", join, ()).access_token
+
+
+@dataclass
+class _Call:
+    """What authenticate reads of a call: its invocation metadata."""
+
+    metadata: tuple[tuple[str, str | bytes], ...]
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self.metadata
+
+
+def _authenticate(store: Store, *metadata: tuple[str, str | bytes]) -> Family:
+    return authenticate(store, cast(grpc.ServicerContext, _Call(metadata)))
+
+
+FAM, AUTH = "x-privface-family", "authorization"
+
+
+@pytest.mark.parametrize("metadata", [
+    (), ((FAM, "fam_x"),), ((AUTH, "Bearer tok"),), ((FAM, "fam_x"), (AUTH, "tok")),
+    ((FAM, ""), (AUTH, "Bearer tok")), ((FAM, b"fam_x"), (AUTH, "Bearer tok")),
+    ((FAM, "fam_x"), (AUTH, b"Bearer tok")), ((FAM, "fam_x"), (AUTH, "bearer tok")),
+], ids=["none", "family-only", "token-only", "no-bearer", "empty-family", "bytes-family",
+        "bytes-token", "lowercase-bearer"])
+def test_incomplete_credentials_are_missing_credentials(tmp_path: Path, metadata) -> None:
+    store = Store(tmp_path / "s")
+    with pytest.raises(AuthenticationError, match="missing credentials"):
+        _authenticate(store, *metadata)
+
+
+def test_credentials_name_the_device_and_the_familys_ckks_key(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s")
+    family_id, token = store.create_family(b"fp", 5, device_id="d1")
+    store.set_ckks_key_id(family_id, b"key-id-8")
+    family = _authenticate(store, (FAM, family_id), (AUTH, "Bearer " + token))
+    assert (family.family_id, family.label_key_fp, family.label_dim) == (family_id, b"fp", 5)
+    assert (family.device_id, family.ckks_key_id) == ("d1", b"key-id-8")
+    for wrong in ((FAM, "fam_other"), (AUTH, "Bearer " + token)), (
+            (FAM, family_id), (AUTH, "Bearer " + token + "x")):
+        with pytest.raises(AuthenticationError, match="unknown family or wrong access token"):
+            _authenticate(store, *wrong)
+
+
+def test_stored_token_hashes_are_the_documented_domain_separated_sha256() -> None:
+    """SHA-256("privface/<kind>/v1" || token): what an older server wrote must still match."""
+    assert hash_token("tok") == hashlib.sha256(b"privface/token/v1tok").digest()
+    assert hash_token("tok", "invite") == hashlib.sha256(b"privface/invite/v1tok").digest()

@@ -9,7 +9,7 @@ import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -20,7 +20,7 @@ from client.keystore import FamilyBundle
 from client.pipeline import faces
 from client.pipeline import photos as pipeline
 from client.rpc import PrivfaceClient
-from common import ckks, labels
+from common import ckks, errors, labels
 from common.errors import MalformedInputError
 from privface.v1 import (
     detection_pb2,
@@ -34,7 +34,7 @@ from privface.v1 import (
 )
 from server.app import create_server, vendor_token
 from server.config import ServerConfig
-from server.errors import printable
+from server.errors import MAX_LOGGED_CHARS, STATUS_OF, grpc_errors, printable
 from server.gallery import pack_ciphertexts
 from server.storage import Store
 from tests.conftest import channel
@@ -598,3 +598,60 @@ def gallery_family_stubs(gallery_family, address):
     with channel(address) as ch:
         yield (family_pb2_grpc.FamilyServiceStub(ch), photos_pb2_grpc.PhotoServiceStub(ch),
                faces_pb2_grpc.FaceServiceStub(ch))
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    """What grpc_errors uses of a servicer context: abort (which raises) and is_active."""
+
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise _Aborted
+
+    def is_active(self) -> bool:
+        return True
+
+
+def _status(call: str, exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    class Servicer:  # decorated here, not at import: the decorator is under test too
+        @grpc_errors
+        def Unary(self, request: Exception, context: grpc.ServicerContext) -> None:
+            raise request
+
+        @grpc_errors
+        def Stream(self, request: Exception, context: grpc.ServicerContext) -> Iterator[int]:
+            yield 1
+            raise request
+
+    context = _Context()
+    with pytest.raises(_Aborted):
+        if call == "unary":
+            Servicer().Unary(exc, cast(grpc.ServicerContext, context))
+        else:
+            assert list(Servicer().Stream(exc, cast(grpc.ServicerContext, context))) == [1]
+    return context.aborted
+
+
+@pytest.mark.parametrize("call", ["unary", "stream"])
+def test_every_domain_error_has_its_status_and_anything_else_is_internal(call: str) -> None:
+    """In unary and streaming methods alike (an error raised while a stream is being
+    consumed too): each domain error its status with its message; any other exception
+    INTERNAL with a fixed message that leaks nothing of it."""
+    for cls, code in STATUS_OF:
+        assert _status(call, cls("what went wrong")) == (code, "what went wrong"), cls
+    assert _status(call, errors.PermissionDeniedError("revoked"))[0] is (  # type: ignore[index]
+        grpc.StatusCode.PERMISSION_DENIED)  # not its base class's UNAUTHENTICATED
+    assert _status(call, RuntimeError("/srv/secret/path")) == (
+        grpc.StatusCode.INTERNAL, "internal server error; the server log has details")
+
+
+def test_logged_client_strings_are_escaped_and_cut() -> None:
+    assert printable("a\nforged line\r\x1b[31m") == "a\\nforged line\\r\\x1b[31m"
+    assert printable("x" * MAX_LOGGED_CHARS) == "x" * MAX_LOGGED_CHARS
+    assert printable("x" * (MAX_LOGGED_CHARS + 1)) == "x" * MAX_LOGGED_CHARS + "..."

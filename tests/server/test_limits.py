@@ -3,6 +3,7 @@ on a fake clock: no server, no sleeping beyond a few short idle timeouts."""
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -10,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from common.errors import LimitExceededError, StreamIdleError
+from common.errors import LimitExceededError, MalformedInputError, StreamIdleError
 from server.admission import IdleRequests
 from server.config import ServerConfig
 from server.limits import (
@@ -23,6 +24,7 @@ from server.limits import (
     StreamSlots,
     peer_host,
 )
+from server.uploads import CheckedChunks, check_limit
 
 
 class FakeClock:
@@ -179,3 +181,26 @@ def test_idle_requests_end_and_errors() -> None:
     assert next(unused) == "a"
     unused.close()  # the handler stopped early: the helper thread does not wait forever
     _wait_for_no_readers()
+
+
+def _consume(chunks: list[bytes], size: int) -> CheckedChunks:
+    checked = CheckedChunks(iter(chunks), size, "photo blob")
+    assert b"".join(checked) == b"".join(chunks)
+    return checked
+
+
+def test_uploads_must_stream_exactly_the_announced_bytes() -> None:
+    """Counted over every chunk: a stream longer than announced is refused at the chunk
+    that overruns (so no announced size can be used to slip a larger body past the
+    limit), a shorter one at its end; the SHA-256 covers all chunks."""
+    checked = _consume([b"ab", b"cd", b"e"], 5)
+    checked.verify(hashlib.sha256(b"abcde").digest())
+    with pytest.raises(MalformedInputError, match="photo blob does not match its SHA-256"):
+        checked.verify(hashlib.sha256(b"abcd").digest())
+    with pytest.raises(MalformedInputError, match="photo blob is longer than the announced 2"):
+        _consume([b"ab", b"cd"], 2)
+    with pytest.raises(MalformedInputError, match="photo blob ended after 4 of 5 bytes"):
+        _consume([b"ab", b"cd"], 5)
+    check_limit(10, 10, "photo")
+    with pytest.raises(LimitExceededError, match="photo of 11 bytes exceeds"):
+        check_limit(11, 10, "photo")
