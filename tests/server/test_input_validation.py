@@ -639,7 +639,7 @@ def _status(call: str, exc: Exception) -> tuple[grpc.StatusCode, str] | None:
 
 
 @pytest.mark.parametrize("call", ["unary", "stream"])
-def test_every_domain_error_has_its_status_and_anything_else_is_internal(call: str) -> None:
+def test_domain_errors_map_to_statuses_in_unary_and_streaming_methods(call: str) -> None:
     """In unary and streaming methods alike (an error raised while a stream is being
     consumed too): each domain error its status with its message; any other exception
     INTERNAL with a fixed message that leaks nothing of it."""
