@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import median_ms, print_table, write_json
 from common import aspe, labels
 from server.label_index import LabelSearch, SearchResult
-from server.storage import Store
+from server.storage import Family, Store
 
 MEMBERS = 8
 PRESENCE = 0.3
@@ -36,9 +36,10 @@ QUERY = [1, 4]
 
 
 def build_store(store: Store, n: int, key: aspe.AspeKey, capacity: int,
-                rng: np.random.Generator) -> tuple[str, np.ndarray]:
-    """A family with n encrypted label rows; returns (family_id, plaintext label matrix)."""
-    family_id, _ = store.create_family(key.fingerprint(), key.cipher_dim)
+                rng: np.random.Generator) -> tuple[Family, np.ndarray]:
+    """A family with n encrypted label rows; returns (the family as the server sees it,
+    plaintext label matrix)."""
+    family_id, token = store.create_family(key.fingerprint(), key.cipher_dim)
     plain = np.zeros((n, capacity + 1))
     plain[:, :MEMBERS] = rng.random((n, MEMBERS)) < PRESENCE
     plain[:, -1] = 1.0
@@ -47,16 +48,14 @@ def build_store(store: Store, n: int, key: aspe.AspeKey, capacity: int,
         enc = aspe.encrypt_stored(key, block, rng).astype("<f8")
         store.bulk_insert_labels(family_id, [(secrets.token_hex(16), row.tobytes())
                                              for row in enc])
-    return family_id, plain
+    return store.authenticate(family_id, token), plain
 
 
-def encrypted_search(search: LabelSearch, key: aspe.AspeKey, family_id: str, capacity: int,
+def encrypted_search(search: LabelSearch, key: aspe.AspeKey, family: Family, capacity: int,
                      mode: labels.MatchMode) -> SearchResult:
     """One server search with a fresh E-Q, as a phone sends."""
-    fp = key.fingerprint()
     query = aspe.encrypt_query(key, labels.query_vector(QUERY, capacity, mode))
-    return search.search(family_id, key.cipher_dim, fp, fp, query[0].astype("<f8").tobytes(),
-                         mode, 0)
+    return search.search(family, key.fingerprint(), query[0].astype("<f8").tobytes(), mode, 0)
 
 
 def plaintext_search(plain: np.ndarray, q_plain: np.ndarray) -> np.ndarray:
@@ -85,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         search = LabelSearch(store)
         for n in (int(s) for s in args.sizes.split(",")):
             t0 = time.perf_counter()
-            family_id, plain = build_store(store, n, key, args.capacity, rng)
+            family, plain = build_store(store, n, key, args.capacity, rng)
             build_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            search.index(family_id, key.cipher_dim)
+            search.index(family.family_id, key.cipher_dim, family.label_version)
             load_ms = (time.perf_counter() - t0) * 1000
             mode = labels.MatchMode.ALL
-            results = [encrypted_search(search, key, family_id, args.capacity, mode)
+            results = [encrypted_search(search, key, family, args.capacity, mode)
                        for _ in range(args.repeats + 1)]  # the first warms up
             search_ms = float(np.median([r.server_ms for r in results[1:]]))
             q_plain = labels.query_vector(QUERY, args.capacity, mode)

@@ -51,6 +51,11 @@ class StreamIdleError(PrivfaceError):
     """A stream sent nothing for longer than the server waits (gRPC DEADLINE_EXCEEDED)."""
 
 
+class StorageUnavailableError(PrivfaceError):
+    """The server's database or blob store cannot be reached: retry shortly, possibly on
+    another replica (gRPC UNAVAILABLE)."""
+
+
 class DecryptionError(PrivfaceError):
     """Authenticated decryption failed: wrong key, or the data was altered."""
 

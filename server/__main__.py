@@ -10,9 +10,11 @@ import sys
 import threading
 from pathlib import Path
 
-from server import tls, vendor_token
+from common.errors import PrivfaceError
+from server import migrations, tls, vendor_token
 from server.app import create_server
 from server.config import ServerConfig, parse_config
+from server.database import open_database
 from server.limits import ResourceConfigError
 
 log = logging.getLogger("privface.server")
@@ -26,19 +28,21 @@ def main(argv: list[str] | None = None) -> int:
         return tls_init(argv[1:])
     if argv[:1] == ["rotate-vendor-token"]:
         return rotate_vendor_token(argv[1:])
+    if argv[:1] == ["migrate"]:
+        return migrate(argv[1:])
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server, port, health_servicer = create_server(config)
-    except (tls.TransportConfigError, ResourceConfigError) as exc:
+    except (tls.TransportConfigError, ResourceConfigError, PrivfaceError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     server.start()
     transport = ("PLAINTEXT" if config.insecure else
                  "mutual TLS" if config.tls_client_ca else "TLS")
     log.info("privface-server listening on %s:%d (%s; data in %s)", config.host, port,
-             transport, config.data_dir)
+             transport, health_servicer.store_description)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -76,6 +80,41 @@ def tls_init(argv: list[str]) -> int:
         f" [--tls-client-ca {paths.ca}]\n"
         f"client: PRIVFACE_TLS_CA={paths.ca} [PRIVFACE_TLS_CLIENT_CERT={paths.client_cert} "
         f"PRIVFACE_TLS_CLIENT_KEY={paths.client_key}]\n")
+    return 0
+
+
+def migrate(argv: list[str]) -> int:
+    """`privface-server migrate`: creates or upgrades the database schema."""
+    parser = argparse.ArgumentParser(
+        prog="privface-server migrate",
+        description="Creates the database schema, or upgrades it to this server's version "
+                    "(each step once, in a transaction; safe to run again). Run it before "
+                    "starting servers on a new or upgraded PostgreSQL; the SQLite default "
+                    "upgrades itself at start-up.")
+    parser.add_argument("--store", default=os.environ.get("PRIVFACE_STORE", ""),
+                        help="sqlite:PATH or postgresql://USER@HOST:PORT/DB (env "
+                             "PRIVFACE_STORE; default: SQLite in --data-dir)")
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get("PRIVFACE_DATA_DIR")
+                                     or ServerConfig.data_dir),
+                        help="the default SQLite's directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        db = open_database(args.store, args.data_dir / "privface.sqlite3")
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        before = migrations.current_version(db)
+        applied = migrations.migrate(db)
+    except PrivfaceError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        db.close()
+    sys.stdout.write(f"{db.url}: schema version {before} -> {migrations.LATEST} "
+                     f"({len(applied)} migration(s) applied)\n")
     return 0
 
 

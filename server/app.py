@@ -24,13 +24,14 @@ from server.config import ServerConfig
 from server.decoding import RequestDecodingInterceptor
 from server.detection import DetectorRegistry
 from server.gallery import GalleryService
+from server.health_check import StoreHealthServicer
 from server.label_index import LabelSearch
 from server.limits import ResourceLimits
 from server.servicers.detection import DetectorServicer
 from server.servicers.faces import FaceServicer
 from server.servicers.family import FamilyServicer
 from server.servicers.photos import PhotoServicer
-from server.storage import Store
+from server.storage import open_store
 from server.tls import server_credentials
 from server.vendor_token import VendorToken
 
@@ -49,8 +50,10 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     Serves TLS, or plaintext only with config.insecure (TransportConfigError otherwise)."""
     credentials = server_credentials(config)
     limits = ResourceLimits.from_config(config)  # refuses an impossible thread budget
-    store = Store(config.data_dir)
-    store.sweep_orphans()
+    store = open_store(config.store, config.blobs, config.data_dir)
+    # Alone on its store, nothing is in flight at start-up: every orphan goes. Shared, a
+    # young orphan may be another server's upload whose row is about to commit.
+    store.sweep_orphans(config.sweep_grace_seconds if config.shared_store else 0.0)
     search = LabelSearch(store)
     options = [("grpc.max_receive_message_length", config.max_message_bytes),
                ("grpc.max_send_message_length", config.max_message_bytes)]
@@ -76,7 +79,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
     registry = DetectorRegistry(store, config.max_window_batch, config.max_detector_bytes)
     detection_pb2_grpc.add_DetectorServiceServicer_to_server(
         DetectorServicer(store, registry, VendorToken(config), limits), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = StoreHealthServicer(store)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*SERVICE_NAMES, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

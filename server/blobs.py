@@ -11,6 +11,7 @@ Two implementations: :class:`FileBlobs` (a directory: local disk or a shared mou
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -105,10 +106,8 @@ class FileBlobs:
         path.unlink(missing_ok=True)
         folder = path.parent
         if folder != self.root:
-            try:
-                folder.rmdir()  # only when empty: a family's folder goes with its last blob
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):  # only when empty: it goes with its last blob
+                folder.rmdir()
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         for path in sorted(self.root.rglob("*")):

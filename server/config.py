@@ -17,6 +17,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     data_dir: Path = Path("var/server")
+    # Storage (docs/design.md, "Storage"): empty = SQLite and blob files under data_dir.
+    store: str = ""  # sqlite:PATH | postgresql://USER@HOST:PORT/DB
+    blobs: str = ""  # file:DIR | s3://BUCKET/PREFIX
+    # Orphan blobs younger than this are left alone at start-up when the store is shared
+    # (another server's upload may not have committed its row yet); 0 for the default.
+    sweep_grace_seconds: float = 3600.0
     workers: int = 32  # > max_streams + max_public_streams: unary calls keep free workers
     max_message_bytes: int = 32 * MIB
     max_photo_bytes: int = 256 * MIB
@@ -51,6 +57,11 @@ class ServerConfig:
     vendor_token: str = field(default="", repr=False)
 
     @property
+    def shared_store(self) -> bool:
+        """Whether other servers may use the same store (anything but the default)."""
+        return bool(self.store or self.blobs)
+
+    @property
     def address(self) -> str:
         """host:port to bind."""
         return f"{self.host}:{self.port}"
@@ -75,12 +86,22 @@ def _env_default(name: str, default: object) -> object:
 
 ENV_ONLY = frozenset({"vendor_token"})  # secrets: never a flag (flags show in `ps`)
 HELP = {
+    "store": "metadata database: sqlite:PATH or postgresql://USER@HOST:PORT/DB (empty: "
+             "SQLite in --data-dir); several servers may share one PostgreSQL",
+    "blobs": "blob store for encrypted photos, contexts and detectors: file:DIR or "
+             "s3://BUCKET/PREFIX (endpoint and keys: PRIVFACE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, "
+             "AWS_SECRET_ACCESS_KEY; empty: files in --data-dir)",
+    "sweep_grace_seconds": "with a shared store, orphan blobs younger than this survive the "
+                           "start-up sweep",
     "tls_cert": "TLS certificate chain (PEM) the server presents",
     "tls_key": "private key (PEM) of --tls-cert",
     "tls_client_ca": "mutual TLS: require client certificates signed by this CA (PEM)",
     "insecure": "serve plaintext gRPC without TLS (local testing only; logged as a warning)",
 }
 EPILOG = """commands:
+  privface-server migrate [--store URL]
+      creates or upgrades the database schema (run once before starting servers on a
+      new or upgraded PostgreSQL; the SQLite default upgrades itself)
   privface-server tls-init DIR [--host NAME ...]
       writes a development CA (ca.pem), a server certificate and key for localhost
       (server.pem, server.key) and a client certificate (client.pem, client.key)

@@ -118,7 +118,7 @@ class DetectorRegistry:
         self.store = store
         self.max_window_batch = max_window_batch
         self.max_detector_bytes = max_detector_bytes
-        self._cache: dict[tuple[str, int], sc.EncryptedCascade] = {}
+        self._cache: dict[tuple[str, int, str], sc.EncryptedCascade] = {}
         self._lock = threading.Lock()
 
     def publish(self, header: detection_pb2.DetectorHeader, chunks: Iterator[bytes]) -> None:
@@ -129,8 +129,6 @@ class DetectorRegistry:
         size = self.store.put_detector(header.detector_id, header.key_version,
                                        header.key_fingerprint, header.SerializeToString(),
                                        checked, verify=lambda: checked.verify(header.matrix_sha256))
-        with self._lock:
-            self._cache.pop((header.detector_id, header.key_version), None)
         log.info("published detector %s v%d (%d bytes)", header.detector_id,
                  header.key_version, size)
 
@@ -154,18 +152,23 @@ class DetectorRegistry:
             raise KeyMismatchError(
                 f"the phone's product key for {detector_id!r} v{key_version} is not the one "
                 "the detector was published with: re-import the vendor's product key")
+        # Keyed by the matrix blob too: a version published again (through any server
+        # sharing the store) has a new blob, so no server keeps serving the old one.
+        _, header, matrix_key = self.store.detector_record(detector_id, key_version)
         with self._lock:
-            cascade = self._cache.get((detector_id, key_version))
+            cascade = self._cache.get((detector_id, key_version, matrix_key))
             if cascade is None:
-                _, header, path = self.store.get_detector(detector_id, key_version)
                 try:
                     cascade = cascade_from_header(
-                        detection_pb2.DetectorHeader.FromString(header), path.read_bytes())
+                        detection_pb2.DetectorHeader.FromString(header),
+                        self.store.blobs.read(matrix_key))
                 except ValueError as exc:  # published before the header checks were complete
                     raise PreconditionError(
                         f"detector {detector_id!r} v{key_version} is stored but unusable "
                         f"({exc}): ask the vendor to publish it again") from exc
-                self._cache[(detector_id, key_version)] = cascade
+                self._cache = {k: v for k, v in self._cache.items()
+                               if k[:2] != (detector_id, key_version)}
+                self._cache[(detector_id, key_version, matrix_key)] = cascade
         return cascade
 
     def evaluate(self, cascade: sc.EncryptedCascade, batch: detection_pb2.WindowBatch

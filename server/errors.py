@@ -27,6 +27,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (errors.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.StreamIdleError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.DecryptionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.StorageUnavailableError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

@@ -2,7 +2,10 @@
 
 The server holds the family's public context (relinearisation + 4 rotation keys, no
 secret key) and the packed gallery blocks. Deserialised blocks are cached in memory per
-family; every change goes to SQLite first, then to the cache, under the family's lock.
+family. Every change goes to the store only, under the family's lock there, and bumps the
+family's gallery version; a cache older than the version its caller read reloads just the
+blocks written since (all of them after a new public context or a re-pack), so servers
+sharing one store never match against a stale gallery.
 """
 
 from __future__ import annotations
@@ -72,10 +75,13 @@ class BlockResult:
 
 
 class _FamilyGallery:
-    def __init__(self, public: ckks.PublicContext, blocks: list[list[bytes]]) -> None:
+    def __init__(self, public: ckks.PublicContext, blocks: list[list[bytes]], version: int,
+                 context_file: str) -> None:
         self.public = public
         self.prepared = ckks.PreparedGallery(public, blocks)
         self.lock = threading.Lock()
+        self.version = version  # the family's gallery version the cache reflects
+        self.context_file = context_file
 
 
 def _invalid(exc: ValueError) -> MalformedInputError:
@@ -97,30 +103,49 @@ class GalleryService:
             self._galleries.pop(family_id, None)
 
     def _gallery(self, family: Family) -> _FamilyGallery:
+        """The family's prepared gallery, as of at least the version ``family`` carries."""
         with self._lock:
             gallery = self._galleries.get(family.family_id)
-            if gallery is None:
-                path = self.store.public_context_path(family)
-                if path is None:
-                    raise PreconditionError(
-                        "this family has no public CKKS context yet: the phone uploads it "
-                        "once (privface enroll does so automatically)")
-                try:
-                    public = ckks.load_public_context(path.read_bytes())
-                except ValueError as exc:
-                    raise PreconditionError(f"stored public context is unusable: {exc}") from exc
-                layout = self.store.gallery_layout(family.family_id)
-                blocks = [unpack_ciphertexts(self.store.gallery_block(family.family_id, b) or b"")
-                          for b in sorted(layout)]
-                try:
-                    gallery = _FamilyGallery(public, blocks)
-                except ValueError as exc:  # stored by a server without check_context
-                    raise PreconditionError(
-                        f"the family's encrypted gallery does not load under its stored public "
-                        f"CKKS context ({exc}): upload the family's own public context again"
-                    ) from exc
-                self._galleries[family.family_id] = gallery
+            if gallery is not None and gallery.version >= family.gallery_version:
+                return gallery
+            if gallery is not None and self._refresh(family.family_id, gallery):
+                return gallery
+            gallery = self._galleries[family.family_id] = self._load(family.family_id)
             return gallery
+
+    def _refresh(self, family_id: str, gallery: _FamilyGallery) -> bool:
+        """Re-reads the blocks written since the cache's version; False when only a full
+        load will do (a new context, a re-pack that dropped blocks)."""
+        version, context_file, changed, count = self.store.gallery_changes(
+            family_id, gallery.version)
+        if context_file != gallery.context_file or count < len(gallery.prepared):
+            return False
+        try:
+            for block in sorted(changed):
+                gallery.prepared.set_block(block, unpack_ciphertexts(changed[block]))
+        except ValueError:
+            return False  # a gap or an unusable block: the full load says what is wrong
+        gallery.version = version
+        return True
+
+    def _load(self, family_id: str) -> _FamilyGallery:
+        version, context_file, changed, _ = self.store.gallery_changes(family_id, -1)
+        if context_file is None:
+            raise PreconditionError(
+                "this family has no public CKKS context yet: the phone uploads it "
+                "once (privface enroll does so automatically)")
+        try:
+            public = ckks.load_public_context(self.store.context_bytes(family_id, context_file))
+        except ValueError as exc:
+            raise PreconditionError(f"stored public context is unusable: {exc}") from exc
+        blocks = [unpack_ciphertexts(changed[b]) for b in sorted(changed)]
+        try:
+            return _FamilyGallery(public, blocks, version, context_file)
+        except ValueError as exc:  # stored by a server without check_context
+            raise PreconditionError(
+                f"the family's encrypted gallery does not load under its stored public "
+                f"CKKS context ({exc}): upload the family's own public context again"
+            ) from exc
 
     def check_context(self, family_id: str, public: ckks.PublicContext) -> None:
         """PreconditionError unless the family's stored gallery loads under ``public``.
@@ -181,9 +206,10 @@ class GalleryService:
             self._check_quota(sum(len(slots) for slots in layout.values()), count)
             try:
                 merged = ckks.add_into_block(gallery.public, stored, ciphertexts)
-                gallery.prepared.set_block(block, merged)
             except ValueError as exc:
                 raise _invalid(exc) from exc
+            # The store checks the position again under the family's lock (another server
+            # may have enrolled); the next call's cache refresh picks up the new block.
             self.store.put_gallery_block(family.family_id, block, pack_ciphertexts(merged),
                                          used, [slot] * count)
         return self.store.family_counts(family.family_id)[1]

@@ -1,8 +1,11 @@
 """In-memory matrix of a family's encrypted label vectors, for the MAT step.
 
-Loaded from the store on a family's first search, then kept in step with uploads and
-deletes. Rows stay in upload order (deletes leave tombstones, compacted once they pile up),
-so "newest first" needs no sort. One search is one matrix-vector product.
+Loaded from the store on a family's first search, then brought up to date incrementally
+whenever the family's label version (bumped by every upload and delete, on any server
+sharing the store) is newer than the index: only photos added since its last row and
+deletions since its version are read. Rows stay in upload order (deletes leave tombstones,
+compacted once they pile up), so "newest first" needs no sort. One search is one
+matrix-vector product.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from common import labels
 from common.errors import KeyMismatchError, MalformedInputError
-from server.storage import Store
+from server.storage import Family, Store
 
 MAX_TOP_N = 10_000
 
@@ -33,6 +36,8 @@ class FamilyLabelIndex:
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
+        self.version = -1  # the family's label version this index reflects (-1: not loaded)
+        self.max_seq = 0  # the newest photo row read
         self._matrix = np.empty((1024, dim))
         self._alive = np.zeros(1024, dtype=bool)
         self._ids: list[str] = []
@@ -120,31 +125,24 @@ class LabelSearch:
         with self._lock:
             return self._family_locks.setdefault(family_id, threading.Lock())
 
-    def index(self, family_id: str, dim: int) -> FamilyLabelIndex:
-        """The family's index, loading it from the store on first use."""
+    def index(self, family_id: str, dim: int, version: int) -> FamilyLabelIndex:
+        """The family's index as of at least ``version`` (the label version its caller
+        read): loaded on first use, then only what changed since is read."""
         with self._family_lock(family_id):
             idx = self._indexes.get(family_id)
-            if idx is None:
+            if idx is None or idx.dim != dim:
                 idx = FamilyLabelIndex(dim)
-                for rows in self._store.iter_labels(family_id):
-                    idx.add_many([(pid, blob) for _, pid, blob in rows])
+            if idx.version < version or idx.version < 0:
+                changes = self._store.label_changes(family_id, max(idx.version, 0),
+                                                    idx.max_seq)
+                for photo_id in changes.deleted:  # before additions: an id can come back
+                    idx.remove(photo_id)
+                idx.add_many([(pid, blob) for _, pid, blob in changes.added])
+                if changes.added:
+                    idx.max_seq = changes.added[-1][0]
+                idx.version = changes.version
                 self._indexes[family_id] = idx
             return idx
-
-    def photo_added(self, family_id: str, photo_id: str, encrypted_labels: bytes) -> None:
-        """Called after a photo row commits. Takes the family's lock so a concurrent first
-        load cannot miss the row (add_many ignores ids the load already read)."""
-        with self._family_lock(family_id):
-            idx = self._indexes.get(family_id)
-            if idx is not None:
-                idx.add_many([(photo_id, encrypted_labels)])
-
-    def photo_removed(self, family_id: str, photo_id: str) -> None:
-        """Called after a photo row is deleted."""
-        with self._family_lock(family_id):
-            idx = self._indexes.get(family_id)
-            if idx is not None:
-                idx.remove(photo_id)
 
     def forget(self, family_id: str) -> None:
         """Drops a family's index from memory (the family was deleted)."""
@@ -153,10 +151,11 @@ class LabelSearch:
         with self._lock:
             self._family_locks.pop(family_id, None)
 
-    def search(self, family_id: str, dim: int, key_fp: bytes, expected_fp: bytes,
-               encrypted_query: bytes, mode: labels.MatchMode, top_n: int) -> SearchResult:
+    def search(self, family: Family, key_fp: bytes, encrypted_query: bytes,
+               mode: labels.MatchMode, top_n: int) -> SearchResult:
         """Validates the query's key and shape, then runs MAT over the family's photos."""
-        if key_fp != expected_fp:
+        dim = family.label_dim
+        if key_fp != family.label_key_fp:
             raise KeyMismatchError("the query was encrypted with another label key than the "
                                    "family's: use the family bundle this family was created with")
         if mode is labels.MatchMode.RANKED and not 1 <= top_n <= MAX_TOP_N:
@@ -168,4 +167,5 @@ class LabelSearch:
         query = np.frombuffer(encrypted_query, dtype="<f8")
         if not np.all(np.isfinite(query)):
             raise MalformedInputError("encrypted query contains NaN or infinity")
-        return self.index(family_id, dim).search(query, mode, top_n)
+        index = self.index(family.family_id, dim, family.label_version)
+        return index.search(query, mode, top_n)

@@ -1,25 +1,21 @@
-"""Embedded default storage: SQLite (WAL, synchronous=FULL) plus blob files.
+"""The store: family metadata in a database (SQLite by default, or PostgreSQL) and blobs
+in a blob store (a directory by default, or S3).
 
-Blob files are written atomically (temp file, fsync, rename, fsync dir) *before* the row
-that names them commits, so a row never points at a missing or partial file; a crash can
-at worst leave an orphan file, which :meth:`Store.sweep_orphans` removes at start-up.
-Every query is scoped by family id: no method returns another family's rows.
+Blobs are written completely and durably *before* the row that names them commits, so a
+row never names a missing or partial blob; a crash can at worst leave an orphan blob, which
+:meth:`Store.sweep_orphans` removes. Every query is scoped by family id: no method returns
+another family's rows. The SQL is written once for both databases (server.database).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import secrets
-import sqlite3
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from common.errors import (
@@ -31,6 +27,9 @@ from common.errors import (
     PreconditionError,
     VersionConflictError,
 )
+from server import migrations
+from server.blobs import BlobStore, FileBlobs, open_blobs
+from server.database import Connection, Database, SqliteDatabase, open_database
 from server.limits import PhotoQuota
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,10 @@ log = logging.getLogger(__name__)
 PHOTO_ID_RE = re.compile(r"[0-9a-f]{32}")  # use with fullmatch: `$` would allow a "\n"
 FAMILY_ID_RE = re.compile(r"fam_[0-9a-f]{24}")  # use with fullmatch
 # Every table with a family_id column, children before families (foreign keys).
-FAMILY_TABLES = ("photos", "gallery_positions", "gallery_blocks", "sealed_items", "invites",
-                 "devices", "families")
+FAMILY_TABLES = ("photos", "photo_tombstones", "gallery_positions", "gallery_blocks",
+                 "sealed_items", "invites", "devices", "families")
+DETECTORS = "_detectors"  # the blob folder of detector matrices
+NOT_BLOBS = ("vendor.token",)  # files an older server kept beside the blobs
 
 DEFAULT_INVITE_TTL = 24 * 3600.0
 MAX_INVITE_TTL = 7 * 24 * 3600.0
@@ -52,80 +53,6 @@ REVOKED = ("this device was revoked by the family: ask a family member for a new
 BAD_INVITE = ("the invitation is unknown, used or expired: export a new one on a phone of "
               "the family")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS families (
-    family_id TEXT PRIMARY KEY,
-    token_hash BLOB NOT NULL,
-    label_key_fp BLOB NOT NULL,
-    label_dim INTEGER NOT NULL,
-    context_file TEXT,
-    context_size INTEGER,
-    created REAL NOT NULL,
-    ckks_key_id BLOB
-);
-CREATE TABLE IF NOT EXISTS photos (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    family_id TEXT NOT NULL REFERENCES families(family_id),
-    photo_id TEXT NOT NULL,
-    blob_file TEXT NOT NULL,
-    blob_size INTEGER NOT NULL,
-    blob_sha256 BLOB NOT NULL,
-    labels BLOB NOT NULL,
-    thumbnail BLOB,
-    created REAL NOT NULL,
-    UNIQUE (family_id, photo_id)
-);
-CREATE TABLE IF NOT EXISTS gallery_blocks (
-    family_id TEXT NOT NULL REFERENCES families(family_id),
-    block INTEGER NOT NULL,
-    ciphertexts BLOB NOT NULL,
-    PRIMARY KEY (family_id, block)
-);
-CREATE TABLE IF NOT EXISTS gallery_positions (
-    family_id TEXT NOT NULL,
-    block INTEGER NOT NULL,
-    position INTEGER NOT NULL,
-    slot INTEGER NOT NULL,
-    alive INTEGER NOT NULL DEFAULT 1,
-    PRIMARY KEY (family_id, block, position)
-);
-CREATE TABLE IF NOT EXISTS detectors (
-    detector_id TEXT NOT NULL,
-    key_version INTEGER NOT NULL,
-    key_fp BLOB NOT NULL,
-    header BLOB NOT NULL,
-    matrix_file TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (detector_id, key_version)
-);
-CREATE TABLE IF NOT EXISTS devices (
-    family_id TEXT NOT NULL REFERENCES families(family_id),
-    device_id TEXT NOT NULL,
-    token_hash BLOB NOT NULL,
-    sealed_name BLOB NOT NULL,
-    created REAL NOT NULL,
-    last_seen REAL NOT NULL DEFAULT 0,
-    revoked INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (family_id, device_id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS devices_by_token ON devices (token_hash);
-CREATE TABLE IF NOT EXISTS invites (
-    token_hash BLOB PRIMARY KEY,
-    family_id TEXT NOT NULL REFERENCES families(family_id),
-    created_by TEXT NOT NULL,
-    created REAL NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS invites_by_family ON invites (family_id, created_by);
-CREATE TABLE IF NOT EXISTS sealed_items (
-    family_id TEXT NOT NULL REFERENCES families(family_id),
-    name TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (family_id, name)
-);
-"""
-
 
 @dataclass(frozen=True)
 class Family:
@@ -137,6 +64,10 @@ class Family:
     context_file: str | None
     device_id: str = ""  # the authenticated device
     ckks_key_id: bytes | None = None  # key id of the stored public context, if known
+    # Bumped by every change of the family's photos / gallery or context, on any server:
+    # a cache older than these reloads what changed (server.label_index, server.gallery).
+    label_version: int = 0
+    gallery_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,15 +94,24 @@ class FamilyDeletion:
 
 @dataclass(frozen=True)
 class PhotoRecord:
-    """A stored photo's metadata (the blob stays on disk)."""
+    """A stored photo's metadata (the blob stays in the blob store)."""
 
     photo_id: str
     seq: int
-    blob_path: Path
+    blob_key: str
     blob_size: int
     blob_sha256: bytes
     labels: bytes
     thumbnail: bytes | None
+
+
+@dataclass(frozen=True)
+class LabelChanges:
+    """What changed in a family's photos since a cache's version (Store.label_changes)."""
+
+    version: int
+    deleted: list[str] = field(default_factory=list)  # photo ids, oldest deletion first
+    added: list[tuple[int, str, bytes]] = field(default_factory=list)  # (seq, id, labels)
 
 
 def hash_token(token: str, kind: str = "token") -> bytes:
@@ -186,98 +126,36 @@ def legacy_device_id(family_id: str) -> str:
     return hashlib.sha256(b"privface/legacy-device/v1" + family_id.encode()).hexdigest()[:32]
 
 
-def write_file_atomically(path: Path, chunks: Iterable[bytes] | bytes) -> int:
-    """Writes ``path`` durably: temp file, fsync, rename, fsync of the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    size = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in ([chunks] if isinstance(chunks, bytes) else chunks):
-                f.write(chunk)
-                size += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return size
-
-
-def _fsync_dir(folder: Path) -> None:
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class Store:
-    """SQLite metadata + blob files under one root directory."""
+    """Family metadata in a :class:`Database`, blobs in a :class:`BlobStore`.
 
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
-        self.root = Path(root)
-        self.blob_root = self.root / "blobs"
-        self.blob_root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / "privface.sqlite3"
+    Default: SQLite at <root>/privface.sqlite3 and blob files under <root>/blobs. Several
+    servers may share one store: every write runs under its family's database lock, usage
+    counters live in the family's row, and version numbers in that row tell each server's
+    caches what changed (see server.label_index and server.gallery).
+    """
+
+    def __init__(self, root: Path | None = None, clock: Callable[[], float] = time.time,
+                 database: Database | None = None, blobs: BlobStore | None = None,
+                 migrate: bool = True) -> None:
+        if root is None and (database is None or blobs is None):
+            raise ValueError("a store needs a root directory, or a database and blobs")
+        self.root = Path(root) if root is not None else None
+        self.db = database or SqliteDatabase(Path(root or ".") / "privface.sqlite3")
+        self.blobs = blobs or FileBlobs(Path(root or ".") / "blobs")
         self.clock = clock  # tests move time (invitation expiry) without sleeping
-        self._local = threading.local()
-        # family -> [photos, stored bytes]: filled by writers inside their transaction, so
-        # the quota check in put_photo is exact within this process.
-        self._usage: dict[str, list[int]] = {}
-        self._usage_lock = threading.Lock()
-        self._migrate()
+        if migrate:
+            migrations.migrate(self.db)
+        else:
+            migrations.require_latest(self.db)
 
-    def _migrate(self) -> None:
-        """Creates missing tables and upgrades databases written before devices existed."""
-        db = self._db()
-        # CREATE ... IF NOT EXISTS leaves an old families table as it is: the ALTER below
-        # adds the column it lacks.
-        db.executescript(SCHEMA)
-        with self._tx() as db:  # one process at a time: racing servers must not both ALTER
-            columns = {r[1] for r in db.execute("PRAGMA table_info(families)")}
-            if "ckks_key_id" not in columns:
-                db.execute("ALTER TABLE families ADD COLUMN ckks_key_id BLOB")
-            legacy = db.execute(
-                "SELECT family_id, token_hash, created FROM families f WHERE "
-                "length(token_hash) > 0 AND NOT EXISTS "
-                "(SELECT 1 FROM devices d WHERE d.family_id = f.family_id)").fetchall()
-            # families.token_hash stays as it was, so an older server can still open this
-            # database; only the devices table is read from now on.
-            db.executemany(
-                "INSERT INTO devices (family_id, device_id, token_hash, sealed_name, created) "
-                "VALUES (?, ?, ?, x'', ?)",
-                [(fid, legacy_device_id(fid), th, created) for fid, th, created in legacy])
-        if legacy:
-            log.info("gave %d families created before devices existed their first device",
-                     len(legacy))
+    def describe(self) -> str:
+        """Where the data is, for logs (no credentials)."""
+        return f"{self.db.url} + {self.blobs.url}"
 
-    # -- connections ---------------------------------------------------------------------
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None,
-                                 check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten with zeros
-            self._local.db = db
-        return db
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    def close(self) -> None:
+        """Closes the database connections."""
+        self.db.close()
 
     # -- families ------------------------------------------------------------------------
 
@@ -290,7 +168,7 @@ class Store:
         device_id = device_id or secrets.token_hex(16)
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             # families.token_hash mirrors the first device's so an older server still works
             # (it is blanked when that device is revoked).
             db.execute("INSERT INTO families (family_id, token_hash, label_key_fp, label_dim, "
@@ -300,34 +178,36 @@ class Store:
         return family_id, token
 
     @staticmethod
-    def _insert_device(db: sqlite3.Connection, family_id: str, device_id: str, token: str,
+    def _insert_device(db: Connection, family_id: str, device_id: str, token: str,
                        sealed_name: bytes, now: float) -> None:
         db.execute("INSERT INTO devices (family_id, device_id, token_hash, sealed_name, "
                    "created) VALUES (?, ?, ?, ?, ?)",
                    (family_id, device_id, hash_token(token), sealed_name, now))
 
     def authenticate(self, family_id: str, token: str) -> Family:
-        """The family (and device) these credentials belong to.
+        """The family (and device) these credentials belong to, with its cache versions.
 
         AuthenticationError for an unknown family or token; PermissionDeniedError for a
         revoked device's token."""
-        db = self._db()
-        # Looked up by hash: the hash of a secret token leaks nothing through timing.
-        row = db.execute(
-            "SELECT f.label_key_fp, f.label_dim, f.context_file, f.ckks_key_id, d.device_id, "
-            "d.revoked, d.last_seen FROM devices d JOIN families f USING (family_id) "
-            "WHERE d.family_id = ? AND d.token_hash = ?",
-            (family_id, hash_token(token))).fetchone()
-        if row is None:
-            raise AuthenticationError(WRONG_CREDENTIALS)
-        fp, dim, context_file, key_id, device_id, revoked, last_seen = row
-        if revoked:
-            raise PermissionDeniedError(REVOKED)
-        now = self.clock()
-        if now - last_seen >= LAST_SEEN_EVERY:  # a write per call would serialise readers
-            db.execute("UPDATE devices SET last_seen = ? WHERE family_id = ? AND "
-                       "device_id = ? AND last_seen < ?", (now, family_id, device_id, now))
-        return Family(family_id, fp, dim, context_file, device_id, key_id)
+        with self.db.read() as db:
+            # Looked up by hash: the hash of a secret token leaks nothing through timing.
+            row = db.execute(
+                "SELECT f.label_key_fp, f.label_dim, f.context_file, f.ckks_key_id, "
+                "d.device_id, d.revoked, d.last_seen, f.label_version, f.gallery_version "
+                "FROM devices d JOIN families f ON f.family_id = d.family_id "
+                "WHERE d.family_id = ? AND d.token_hash = ?",
+                (family_id, hash_token(token))).fetchone()
+            if row is None:
+                raise AuthenticationError(WRONG_CREDENTIALS)
+            fp, dim, context_file, key_id, device_id, revoked, last_seen, lv, gv = row
+            if revoked:
+                raise PermissionDeniedError(REVOKED)
+            now = self.clock()
+            if now - last_seen >= LAST_SEEN_EVERY:  # a write per call would serialise readers
+                db.execute("UPDATE devices SET last_seen = ? WHERE family_id = ? AND "
+                           "device_id = ? AND last_seen < ?", (now, family_id, device_id, now))
+        return Family(family_id, bytes(fp), int(dim), context_file, device_id,
+                      bytes(key_id) if key_id is not None else None, int(lv), int(gv))
 
     # -- devices and invitations ---------------------------------------------------------
 
@@ -338,7 +218,7 @@ class Store:
         ttl = DEFAULT_INVITE_TTL if ttl_seconds <= 0 else min(ttl_seconds, MAX_INVITE_TTL)
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             db.execute("DELETE FROM invites WHERE family_id = ? AND expires <= ?",
                        (family_id, now))
             live = db.execute("SELECT COUNT(*) FROM invites WHERE family_id = ?",
@@ -360,7 +240,7 @@ class Store:
         invitation (one message for all); AlreadyExistsError for a device id in use."""
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             invite = hash_token(invite_token, "invite")
             found = db.execute("SELECT 1 FROM invites WHERE token_hash = ? AND family_id = ? "
                                "AND expires > ?", (invite, family_id, now)).fetchone()
@@ -378,16 +258,17 @@ class Store:
 
     def list_devices(self, family_id: str) -> list[Device]:
         """Every device of the family, revoked ones included, oldest first."""
-        return [Device(r[0], r[1], r[2], r[3], bool(r[4])) for r in self._db().execute(
-            "SELECT device_id, sealed_name, created, last_seen, revoked FROM devices "
-            "WHERE family_id = ? ORDER BY created, rowid", (family_id,))]
+        with self.db.read() as db:
+            return [Device(r[0], bytes(r[1]), r[2], r[3], bool(r[4])) for r in db.execute(
+                "SELECT device_id, sealed_name, created, last_seen, revoked FROM devices "
+                "WHERE family_id = ? ORDER BY created, device_id", (family_id,))]
 
     def revoke_device(self, family_id: str, device_id: str, caller_device_id: str) -> bool:
         """Revokes a device and the invitations it made; False if it already was revoked.
 
         NotFoundError for an unknown id; PreconditionError for the caller itself or the
         family's last active device."""
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             row = db.execute("SELECT revoked, token_hash FROM devices WHERE family_id = ? "
                              "AND device_id = ?", (family_id, device_id)).fetchone()
             if row is None:
@@ -409,16 +290,17 @@ class Store:
             db.execute("DELETE FROM invites WHERE family_id = ? AND created_by = ?",
                        (family_id, device_id))
             # The legacy column must not keep a revoked token usable by an older server.
-            db.execute("UPDATE families SET token_hash = x'' WHERE family_id = ? AND "
-                       "token_hash = ?", (family_id, row[1]))
+            db.execute("UPDATE families SET token_hash = ? WHERE family_id = ? AND "
+                       "token_hash = ?", (b"", family_id, row[1]))
         return True
 
     # -- sealed items --------------------------------------------------------------------
 
     def get_sealed(self, family_id: str, name: str) -> tuple[int, bytes]:
         """(version, sealed bytes) of one item; (0, b"") if it was never written."""
-        row = self._db().execute("SELECT version, data FROM sealed_items WHERE family_id = ? "
-                                 "AND name = ?", (family_id, name)).fetchone()
+        with self.db.read() as db:
+            row = db.execute("SELECT version, data FROM sealed_items WHERE family_id = ? "
+                             "AND name = ?", (family_id, name)).fetchone()
         return (int(row[0]), bytes(row[1])) if row else (0, b"")
 
     def put_sealed(self, family_id: str, name: str, expected_version: int,
@@ -426,7 +308,7 @@ class Store:
         """Compare-and-set write; returns the new version.
 
         VersionConflictError if the stored version is not ``expected_version``."""
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             row = db.execute("SELECT version FROM sealed_items WHERE family_id = ? AND "
                              "name = ?", (family_id, name)).fetchone()
             current = int(row[0]) if row else 0
@@ -434,34 +316,36 @@ class Store:
                 raise VersionConflictError(
                     f"item {name} changed on another phone (version {current}, not "
                     f"{expected_version}): re-read and retry")
-            db.execute("INSERT OR REPLACE INTO sealed_items (family_id, name, version, data) "
-                       "VALUES (?, ?, ?, ?)", (family_id, name, current + 1, data))
+            db.execute("INSERT INTO sealed_items (family_id, name, version, data) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT (family_id, name) DO UPDATE SET "
+                       "version = excluded.version, data = excluded.data",
+                       (family_id, name, current + 1, data))
         return current + 1
 
     # -- public context ------------------------------------------------------------------
 
     def family_counts(self, family_id: str) -> tuple[int, int]:
         """(photo count, live gallery entry count)."""
-        db = self._db()
-        photos = db.execute("SELECT COUNT(*) FROM photos WHERE family_id = ?",
-                            (family_id,)).fetchone()[0]
-        entries = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE family_id = ? "
-                             "AND alive = 1", (family_id,)).fetchone()[0]
-        return photos, entries
+        with self.db.read() as db:
+            row = db.execute("SELECT photo_count FROM families WHERE family_id = ?",
+                             (family_id,)).fetchone()
+            entries = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE family_id = ? "
+                                 "AND alive = 1", (family_id,)).fetchone()[0]
+        return (int(row[0]) if row else 0), int(entries)
 
     def store_public_context(self, family_id: str, chunks: Iterable[bytes] | bytes,
                              key_id: bytes) -> int:
-        """Stores (or replaces) the family's public CKKS context file; returns its size.
+        """Stores (or replaces) the family's public CKKS context; returns its size.
 
         PreconditionError if the family has gallery positions (live or dead) and the stored
         context has another key id: they were encrypted under the family's keys, and a
         context under other keys would make every match garbage. The same key id again is
         an idempotent re-upload."""
         name = f"context-{secrets.token_hex(8)}.bin"
-        path = self.blob_root / family_id / name
-        size = write_file_atomically(path, chunks)
+        key = f"{family_id}/{name}"
+        size = self.blobs.put(key, chunks)
         try:
-            with self._tx() as db:
+            with self.db.transaction(family_id) as db:
                 old_file, old_key = db.execute(
                     "SELECT context_file, ckks_key_id FROM families WHERE family_id = ?",
                     (family_id,)).fetchone()
@@ -473,199 +357,249 @@ class Store:
                         "them; a phone must use the family's keys (privface fetches them "
                         "from the family's sealed copy)")
                 db.execute("UPDATE families SET context_file = ?, context_size = ?, "
-                           "ckks_key_id = ? WHERE family_id = ?",
-                           (name, size, key_id, family_id))
+                           "ckks_key_id = ?, gallery_version = gallery_version + 1 "
+                           "WHERE family_id = ?", (name, size, key_id, family_id))
         except BaseException:
-            path.unlink(missing_ok=True)
+            self.blobs.delete(key)
             raise
         if old_file:
-            (self.blob_root / family_id / old_file).unlink(missing_ok=True)
+            self.blobs.delete(f"{family_id}/{old_file}")
         return size
 
     def set_ckks_key_id(self, family_id: str, key_id: bytes) -> None:
         """Records the key id of a context stored before key ids were kept (migration)."""
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             db.execute("UPDATE families SET ckks_key_id = ? WHERE family_id = ? AND "
                        "ckks_key_id IS NULL", (key_id, family_id))
 
-    def public_context_path(self, family: Family) -> Path | None:
-        """Path of the family's public context file, if uploaded."""
-        row = self._db().execute("SELECT context_file FROM families WHERE family_id = ?",
-                                 (family.family_id,)).fetchone()
-        return self.blob_root / family.family_id / row[0] if row and row[0] else None
+    def public_context(self, family_id: str) -> bytes | None:
+        """The family's public context, if uploaded."""
+        with self.db.read() as db:
+            row = db.execute("SELECT context_file FROM families WHERE family_id = ?",
+                             (family_id,)).fetchone()
+        return self.context_bytes(family_id, row[0]) if row and row[0] else None
+
+    def context_bytes(self, family_id: str, context_file: str) -> bytes:
+        """One stored public context by name (names are never reused)."""
+        return self.blobs.read(f"{family_id}/{context_file}")
 
     # -- photos --------------------------------------------------------------------------
 
     def get_photo(self, family_id: str, photo_id: str) -> PhotoRecord:
         """A photo of this family; NotFoundError otherwise (same error for other families)."""
-        row = self._db().execute(
-            "SELECT seq, blob_file, blob_size, blob_sha256, labels, thumbnail FROM photos "
-            "WHERE family_id = ? AND photo_id = ?", (family_id, photo_id)).fetchone()
+        with self.db.read() as db:
+            row = db.execute(
+                "SELECT seq, blob_file, blob_size, blob_sha256, labels, thumbnail FROM photos "
+                "WHERE family_id = ? AND photo_id = ?", (family_id, photo_id)).fetchone()
         if row is None:
             raise NotFoundError(f"no photo {photo_id} in this family")
-        return PhotoRecord(photo_id, row[0], self.blob_root / family_id / row[1], row[2],
-                           row[3], row[4], row[5])
-
-    _USAGE_SQL = ("SELECT COUNT(*), COALESCE(SUM(blob_size + COALESCE(length(thumbnail), 0)), "
-                  "0) FROM photos WHERE family_id = ?")
+        return PhotoRecord(photo_id, int(row[0]), f"{family_id}/{row[1]}", int(row[2]),
+                           bytes(row[3]), bytes(row[4]),
+                           bytes(row[5]) if row[5] is not None else None)
 
     def photo_usage(self, family_id: str) -> tuple[int, int]:
         """(photos, stored bytes of blobs and thumbnails) of a family."""
-        with self._usage_lock:
-            usage = self._usage.get(family_id)
-            if usage is not None:
-                return usage[0], usage[1]
-        count, size = self._db().execute(self._USAGE_SQL, (family_id,)).fetchone()
-        return int(count), int(size)
-
-    def _change_usage(self, db: sqlite3.Connection, family_id: str, photos: int,
-                      size: int) -> tuple[int, int]:
-        """Inside a write transaction: the usage before the change, then applies it."""
-        with self._usage_lock:
-            usage = self._usage.get(family_id)
-            if usage is None:
-                count, stored = db.execute(self._USAGE_SQL, (family_id,)).fetchone()
-                usage = self._usage[family_id] = [int(count), int(stored)]
-            before = usage[0], usage[1]
-            usage[0] += photos
-            usage[1] += size
-            return before
-
-    def _forget_usage(self, family_id: str) -> None:
-        with self._usage_lock:
-            self._usage.pop(family_id, None)
+        with self.db.read() as db:
+            row = db.execute("SELECT photo_count, stored_bytes FROM families WHERE "
+                             "family_id = ?", (family_id,)).fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def has_photo(self, family_id: str, photo_id: str) -> bool:
         """Whether the family stores a photo with this id."""
-        return self._db().execute("SELECT 1 FROM photos WHERE family_id = ? AND photo_id = ?",
-                                  (family_id, photo_id)).fetchone() is not None
+        with self.db.read() as db:
+            return db.execute("SELECT 1 FROM photos WHERE family_id = ? AND photo_id = ?",
+                              (family_id, photo_id)).fetchone() is not None
 
-    def put_photo(self, family_id: str, photo_id: str, blob_file: Path, blob_size: int,
+    def new_photo_key(self, family_id: str, photo_id: str) -> str:
+        """A fresh blob key for an incoming photo (unique: racing uploads never clash)."""
+        return f"{family_id}/{photo_id}.{secrets.token_hex(6)}.blob"
+
+    def put_photo(self, family_id: str, photo_id: str, blob_key: str, blob_size: int,
                   blob_sha256: bytes, labels: bytes, thumbnail: bytes | None,
                   quota: PhotoQuota | None = None) -> tuple[int, bool]:
-        """Commits a photo row for an already durable blob file.
+        """Commits a photo row for an already durable blob (from :meth:`new_photo_key`).
 
         Returns (seq, created). A repeat of the same id with the same blob is a no-op
-        (created False, the new file is removed); a different blob raises AlreadyExistsError;
-        a new photo over the family's ``quota`` raises LimitExceededError (checked in the
-        transaction, so racing uploads cannot overshoot it).
+        (created False, the new blob is removed); a different blob raises AlreadyExistsError;
+        a new photo over the family's ``quota`` raises LimitExceededError (checked under the
+        family's lock, so racing uploads on any server cannot overshoot it).
         """
         size = blob_size + len(thumbnail or b"")
+        if not blob_key.startswith(f"{family_id}/"):
+            raise ValueError("the blob key is not this family's")
         try:
-            with self._tx() as db:
+            with self.db.transaction(family_id) as db:
                 existing = db.execute(
                     "SELECT seq, blob_sha256 FROM photos WHERE family_id = ? AND photo_id = ?",
                     (family_id, photo_id)).fetchone()
                 if existing is None:
-                    photos, stored = self._change_usage(db, family_id, 0, 0)
+                    photos, stored = db.execute(
+                        "SELECT photo_count, stored_bytes FROM families WHERE family_id = ?",
+                        (family_id,)).fetchone()
                     if quota is not None:
-                        quota.check(photos, stored, size)
-                    self._change_usage(db, family_id, 1, size)
-                    cur = db.execute(
+                        quota.check(int(photos), int(stored), size)
+                    seq = db.execute(
                         "INSERT INTO photos (family_id, photo_id, blob_file, blob_size, "
-                        "blob_sha256, labels, thumbnail, created) VALUES (?,?,?,?,?,?,?,?)",
-                        (family_id, photo_id, blob_file.name, blob_size, blob_sha256, labels,
-                         thumbnail, time.time()))
-                    assert cur.lastrowid is not None  # set by a successful INSERT
-                    return cur.lastrowid, True
+                        "blob_sha256, labels, thumbnail, created) VALUES (?,?,?,?,?,?,?,?) "
+                        "RETURNING seq",
+                        (family_id, photo_id, blob_key.split("/", 1)[1], blob_size,
+                         blob_sha256, labels, thumbnail, time.time())).fetchone()[0]
+                    db.execute("UPDATE families SET photo_count = photo_count + 1, "
+                               "stored_bytes = stored_bytes + ?, label_version = "
+                               "label_version + 1 WHERE family_id = ?", (size, family_id))
+                    return int(seq), True
         except BaseException:
-            self._forget_usage(family_id)  # recounted on next use
-            blob_file.unlink(missing_ok=True)
+            self.blobs.delete(blob_key)
             raise
-        blob_file.unlink(missing_ok=True)
-        if existing[1] != blob_sha256:
+        self.blobs.delete(blob_key)
+        if bytes(existing[1]) != blob_sha256:
             raise AlreadyExistsError(
                 f"photo id {photo_id} is already used by a different photo: choose a new id")
         return int(existing[0]), False
 
-    def new_blob_path(self, family_id: str, photo_id: str) -> Path:
-        """A fresh file name for an incoming blob (unique, so racing uploads never clash)."""
-        return self.blob_root / family_id / f"{photo_id}.{secrets.token_hex(6)}.blob"
-
     def delete_photo(self, family_id: str, photo_id: str) -> int:
-        """Deletes row then file (a crash in between leaves only an orphan file). Returns seq."""
-        record = self.get_photo(family_id, photo_id)
-        try:
-            with self._tx() as db:
-                # Counted (if not cached yet) before the row goes, or it would go twice.
-                self._change_usage(db, family_id, 0, 0)
-                if db.execute("DELETE FROM photos WHERE family_id = ? AND photo_id = ?",
-                              (family_id, photo_id)).rowcount:
-                    self._change_usage(db, family_id, -1,
-                                       -(record.blob_size + len(record.thumbnail or b"")))
-        except BaseException:
-            self._forget_usage(family_id)
-            raise
-        record.blob_path.unlink(missing_ok=True)
-        return record.seq
+        """Deletes row then blob (a crash in between leaves only an orphan blob), leaving a
+        tombstone for other servers' caches. Returns seq; NotFoundError if there is none."""
+        with self.db.transaction(family_id) as db:
+            row = db.execute(
+                "SELECT seq, blob_file, blob_size, thumbnail FROM photos WHERE family_id = ? "
+                "AND photo_id = ?", (family_id, photo_id)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no photo {photo_id} in this family")
+            seq, blob_file, blob_size, thumbnail = row
+            db.execute("DELETE FROM photos WHERE family_id = ? AND photo_id = ?",
+                       (family_id, photo_id))
+            version = db.execute(
+                "UPDATE families SET photo_count = photo_count - 1, stored_bytes = "
+                "stored_bytes - ?, label_version = label_version + 1 WHERE family_id = ? "
+                "RETURNING label_version",
+                (int(blob_size) + len(thumbnail or b""), family_id)).fetchone()[0]
+            db.execute("INSERT INTO photo_tombstones (family_id, label_version, photo_id) "
+                       "VALUES (?, ?, ?)", (family_id, version, photo_id))
+        self.blobs.delete(f"{family_id}/{blob_file}")
+        return int(seq)
 
-    def iter_labels(self, family_id: str, batch: int = 50_000
-                    ) -> Iterator[list[tuple[int, str, bytes]]]:
-        """All (seq, photo_id, encrypted labels) of a family in upload order, in batches."""
-        cur = self._db().execute("SELECT seq, photo_id, labels FROM photos "
-                                 "WHERE family_id = ? ORDER BY seq", (family_id,))
-        while rows := cur.fetchmany(batch):
-            yield rows
+    def label_changes(self, family_id: str, since_version: int, after_seq: int,
+                      batch: int = 50_000) -> LabelChanges:
+        """What changed in a family's photos since a cache loaded them, read in one
+        snapshot: the current label version, photos deleted after ``since_version`` and
+        photos with seq above ``after_seq`` (in upload order). (0, 0): everything."""
+        with self.db.snapshot() as db:
+            row = db.execute("SELECT label_version FROM families WHERE family_id = ?",
+                             (family_id,)).fetchone()
+            version = int(row[0]) if row else 0
+            deleted = [r[0] for r in db.execute(
+                "SELECT photo_id FROM photo_tombstones WHERE family_id = ? AND "
+                "label_version > ? ORDER BY label_version", (family_id, since_version))] \
+                if since_version else []
+            added: list[tuple[int, str, bytes]] = []
+            cur = db.execute("SELECT seq, photo_id, labels FROM photos WHERE family_id = ? "
+                             "AND seq > ? ORDER BY seq", (family_id, after_seq))
+            while rows := cur.fetchmany(batch):
+                added.extend((int(s), p, bytes(b)) for s, p, b in rows)
+        return LabelChanges(version, deleted, added)
 
     def list_photo_ids(self, family_id: str) -> list[str]:
         """Photo ids, newest first."""
-        return [r[0] for r in self._db().execute(
-            "SELECT photo_id FROM photos WHERE family_id = ? ORDER BY seq DESC", (family_id,))]
+        with self.db.read() as db:
+            return [r[0] for r in db.execute(
+                "SELECT photo_id FROM photos WHERE family_id = ? ORDER BY seq DESC",
+                (family_id,))]
 
     def bulk_insert_labels(self, family_id: str, rows: list[tuple[str, bytes]]) -> None:
-        """Benchmark helper: label rows whose blobs are empty placeholder files."""
-        placeholder = self.blob_root / family_id / "bench-placeholder.blob"
-        write_file_atomically(placeholder, b"")
+        """Benchmark helper: label rows whose blobs are one empty placeholder."""
+        placeholder = "bench-placeholder.blob"
+        self.blobs.put(f"{family_id}/{placeholder}", b"")
         now = time.time()
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             db.executemany(
                 "INSERT INTO photos (family_id, photo_id, blob_file, blob_size, blob_sha256, "
                 "labels, created) VALUES (?,?,?,0,?,?,?)",
-                ((family_id, pid, placeholder.name, b"", labels, now) for pid, labels in rows))
-        self._forget_usage(family_id)
+                [(family_id, pid, placeholder, b"", labels, now) for pid, labels in rows])
+            db.execute("UPDATE families SET photo_count = photo_count + ?, label_version = "
+                       "label_version + 1 WHERE family_id = ?", (len(rows), family_id))
 
     # -- gallery -------------------------------------------------------------------------
 
     def gallery_layout(self, family_id: str) -> dict[int, list[int]]:
         """block -> slot per position (-1 for dead positions)."""
         layout: dict[int, list[int]] = {}
-        for block, _position, slot, alive in self._db().execute(
-                "SELECT block, position, slot, alive FROM gallery_positions "
-                "WHERE family_id = ? ORDER BY block, position", (family_id,)):
-            layout.setdefault(block, []).append(slot if alive else -1)
+        with self.db.read() as db:
+            for block, _position, slot, alive in db.execute(
+                    "SELECT block, position, slot, alive FROM gallery_positions "
+                    "WHERE family_id = ? ORDER BY block, position", (family_id,)):
+                layout.setdefault(int(block), []).append(int(slot) if alive else -1)
         return layout
 
     def gallery_block(self, family_id: str, block: int) -> bytes | None:
         """The packed ciphertexts of one block."""
-        row = self._db().execute("SELECT ciphertexts FROM gallery_blocks WHERE family_id = ? "
-                                 "AND block = ?", (family_id, block)).fetchone()
-        return row[0] if row else None
+        with self.db.read() as db:
+            row = db.execute("SELECT ciphertexts FROM gallery_blocks WHERE family_id = ? "
+                             "AND block = ?", (family_id, block)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def gallery_changes(self, family_id: str, since_version: int
+                        ) -> tuple[int, str | None, dict[int, bytes], int]:
+        """(gallery version, context file, blocks written after ``since_version``, block
+        count), read in one snapshot, for a server's cache of prepared blocks."""
+        with self.db.snapshot() as db:
+            row = db.execute("SELECT gallery_version, context_file FROM families WHERE "
+                             "family_id = ?", (family_id,)).fetchone()
+            if row is None:
+                return 0, None, {}, 0
+            changed = {int(b): bytes(c) for b, c in db.execute(
+                "SELECT block, ciphertexts FROM gallery_blocks WHERE family_id = ? AND "
+                "version > ?", (family_id, since_version))}
+            count = db.execute("SELECT COUNT(*) FROM gallery_blocks WHERE family_id = ?",
+                               (family_id,)).fetchone()[0]
+        return int(row[0]), row[1], changed, int(count)
 
     def put_gallery_block(self, family_id: str, block: int, ciphertexts: bytes,
                           first_position: int, slots: list[int]) -> None:
-        """Replaces one block's ciphertexts and records the positions it gained."""
-        with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO gallery_blocks (family_id, block, ciphertexts) "
-                       "VALUES (?, ?, ?)", (family_id, block, ciphertexts))
+        """Replaces one block's ciphertexts and records the positions it gained.
+
+        PreconditionError if the block's next free position is no longer
+        ``first_position`` (a phone enrolled through another server meanwhile)."""
+        with self.db.transaction(family_id) as db:
+            used = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE family_id = ? "
+                              "AND block = ?", (family_id, block)).fetchone()[0]
+            if used != first_position:
+                raise PreconditionError(
+                    f"block {block} has its next free position at {used}, not "
+                    f"{first_position}: another phone enrolled meanwhile, fetch the layout "
+                    "and retry")
+            version = self._bump_gallery(db, family_id)
+            db.execute("INSERT INTO gallery_blocks (family_id, block, ciphertexts, version) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT (family_id, block) DO UPDATE SET "
+                       "ciphertexts = excluded.ciphertexts, version = excluded.version",
+                       (family_id, block, ciphertexts, version))
             db.executemany("INSERT INTO gallery_positions (family_id, block, position, slot) "
                            "VALUES (?, ?, ?, ?)",
                            [(family_id, block, first_position + i, s)
                             for i, s in enumerate(slots)])
 
+    @staticmethod
+    def _bump_gallery(db: Connection, family_id: str) -> int:
+        return int(db.execute("UPDATE families SET gallery_version = gallery_version + 1 "
+                              "WHERE family_id = ? RETURNING gallery_version",
+                              (family_id,)).fetchone()[0])
+
     def replace_gallery(self, family_id: str, expected_positions: int,
                         blocks: list[tuple[bytes, list[int]]]) -> bool:
         """Swaps the whole gallery in one transaction; False (nothing changed) if the
         gallery no longer has ``expected_positions`` positions (someone enrolled meanwhile)."""
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             now = db.execute("SELECT COUNT(*) FROM gallery_positions WHERE family_id = ?",
                              (family_id,)).fetchone()[0]
             if now != expected_positions:
                 return False
+            version = self._bump_gallery(db, family_id)
             db.execute("DELETE FROM gallery_blocks WHERE family_id = ?", (family_id,))
             db.execute("DELETE FROM gallery_positions WHERE family_id = ?", (family_id,))
             for block, (ciphertexts, slots) in enumerate(blocks):
-                db.execute("INSERT INTO gallery_blocks (family_id, block, ciphertexts) "
-                           "VALUES (?, ?, ?)", (family_id, block, ciphertexts))
+                db.execute("INSERT INTO gallery_blocks (family_id, block, ciphertexts, "
+                           "version) VALUES (?, ?, ?, ?)",
+                           (family_id, block, ciphertexts, version))
                 db.executemany("INSERT INTO gallery_positions (family_id, block, position, "
                                "slot) VALUES (?, ?, ?, ?)",
                                [(family_id, block, i, s) for i, s in enumerate(slots)])
@@ -673,71 +607,78 @@ class Store:
 
     def kill_gallery_slot(self, family_id: str, slot: int) -> int:
         """Marks every entry of one slot dead; returns how many."""
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             cur = db.execute("UPDATE gallery_positions SET alive = 0 WHERE family_id = ? "
                              "AND slot = ? AND alive = 1", (family_id, slot))
-            return cur.rowcount
+            return int(cur.rowcount)
 
     # -- detectors -----------------------------------------------------------------------
 
     def put_detector(self, detector_id: str, key_version: int, key_fp: bytes, header: bytes,
                      matrix_chunks: Iterable[bytes],
                      verify: Callable[[], None] | None = None) -> int:
-        """Stores a detector's encrypted matrix file and header (replacing the same version).
+        """Stores a detector's encrypted matrix and header (replacing the same version).
 
-        ``verify()`` runs once the file is durable and before the row commits; if it raises,
-        the file is removed and nothing changes.
+        ``verify()`` runs once the blob is durable and before the row commits; if it raises,
+        the blob is removed and nothing changes.
         """
         name = f"{secrets.token_hex(8)}.v{key_version}.detector"
-        path = self.blob_root / "_detectors" / name
+        key = f"{DETECTORS}/{name}"
         try:
-            size = write_file_atomically(path, matrix_chunks)
+            size = self.blobs.put(key, matrix_chunks)
             if verify is not None:
                 verify()
+            with self.db.transaction(f"detector:{detector_id}") as db:
+                old = db.execute("SELECT matrix_file FROM detectors WHERE detector_id = ? AND "
+                                 "key_version = ?", (detector_id, key_version)).fetchone()
+                db.execute("INSERT INTO detectors (detector_id, key_version, key_fp, header, "
+                           "matrix_file, created) VALUES (?,?,?,?,?,?) ON CONFLICT "
+                           "(detector_id, key_version) DO UPDATE SET key_fp = excluded.key_fp, "
+                           "header = excluded.header, matrix_file = excluded.matrix_file, "
+                           "created = excluded.created",
+                           (detector_id, key_version, key_fp, header, name, time.time()))
         except BaseException:
-            path.unlink(missing_ok=True)
+            self.blobs.delete(key)
             raise
-        with self._tx() as db:
-            old = db.execute("SELECT matrix_file FROM detectors WHERE detector_id = ? AND "
-                             "key_version = ?", (detector_id, key_version)).fetchone()
-            db.execute("INSERT OR REPLACE INTO detectors (detector_id, key_version, key_fp, "
-                       "header, matrix_file, created) VALUES (?,?,?,?,?,?)",
-                       (detector_id, key_version, key_fp, header, name, time.time()))
         if old:
-            (self.blob_root / "_detectors" / old[0]).unlink(missing_ok=True)
+            self.blobs.delete(f"{DETECTORS}/{old[0]}")
         return size
 
     def list_detectors(self) -> list[tuple[str, int, bytes, bytes]]:
         """(detector_id, key_version, key_fp, header) for every published detector."""
-        return list(self._db().execute(
-            "SELECT detector_id, key_version, key_fp, header FROM detectors "
-            "ORDER BY detector_id, key_version DESC"))
+        with self.db.read() as db:
+            return [(r[0], int(r[1]), bytes(r[2]), bytes(r[3])) for r in db.execute(
+                "SELECT detector_id, key_version, key_fp, header FROM detectors "
+                "ORDER BY detector_id, key_version DESC")]
 
     def detector_versions(self, detector_id: str) -> dict[int, bytes]:
         """key_version -> key fingerprint of every published version of one detector."""
-        return dict(self._db().execute("SELECT key_version, key_fp FROM detectors "
-                                       "WHERE detector_id = ?", (detector_id,)))
+        with self.db.read() as db:
+            return {int(v): bytes(fp) for v, fp in db.execute(
+                "SELECT key_version, key_fp FROM detectors WHERE detector_id = ?",
+                (detector_id,))}
 
-    def get_detector(self, detector_id: str, key_version: int) -> tuple[bytes, bytes, Path]:
-        """(key_fp, header, matrix path) of one detector version."""
-        row = self._db().execute("SELECT key_fp, header, matrix_file FROM detectors WHERE "
-                                 "detector_id = ? AND key_version = ?",
-                                 (detector_id, key_version)).fetchone()
+    def detector_record(self, detector_id: str, key_version: int) -> tuple[bytes, bytes, str]:
+        """(key_fp, header, matrix blob key) of one detector version."""
+        with self.db.read() as db:
+            row = db.execute("SELECT key_fp, header, matrix_file FROM detectors WHERE "
+                             "detector_id = ? AND key_version = ?",
+                             (detector_id, key_version)).fetchone()
         if row is None:
             raise NotFoundError(f"no detector {detector_id!r} with key version {key_version}: "
                                 "ask the vendor to publish it (privface-vendor publish)")
-        return row[0], row[1], self.blob_root / "_detectors" / row[2]
+        return bytes(row[0]), bytes(row[1]), f"{DETECTORS}/{row[2]}"
 
     # -- deleting a family ---------------------------------------------------------------
 
     def delete_family(self, family_id: str) -> FamilyDeletion:
-        """Deletes every row of a family in one transaction, then its blob files.
+        """Deletes every row of a family in one transaction, then its blobs.
 
         Idempotent: an unknown family deletes nothing. A crash after the commit leaves only
-        files no row names, which :meth:`sweep_orphans` removes at the next start."""
-        if not FAMILY_ID_RE.fullmatch(family_id):  # it also names a directory below
+        blobs no row names, which :meth:`sweep_orphans` removes."""
+        if not FAMILY_ID_RE.fullmatch(family_id):  # it also names a blob folder
             raise NotFoundError("no such family")
-        with self._tx() as db:
+        with self.db.transaction(family_id) as db:
             def count(table: str) -> int:
                 return int(db.execute(f"SELECT COUNT(*) FROM {table} WHERE family_id = ?",
                                       (family_id,)).fetchone()[0])
@@ -746,45 +687,55 @@ class Store:
                 devices=count("devices"), sealed_items=count("sealed_items"), files=0)
             for table in FAMILY_TABLES:
                 db.execute(f"DELETE FROM {table} WHERE family_id = ?", (family_id,))
-        self._forget_usage(family_id)
-        files = self._remove_family_files(family_id)
-        # Copies of the deleted pages still in the write-ahead log go too (best effort: a
-        # concurrent reader can delay the truncation to a later checkpoint).
-        self._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        files = 0
+        for blob in list(self.blobs.list(f"{family_id}/")):
+            self.blobs.delete(blob.key)
+            files += 1
+        self.db.after_delete()
         return replace(deletion, files=files)
-
-    def _remove_family_files(self, family_id: str) -> int:
-        folder = self.blob_root / family_id
-        removed = 0
-        if folder.is_dir():
-            for path in folder.iterdir():
-                path.unlink(missing_ok=True)
-                removed += 1
-            folder.rmdir()
-            _fsync_dir(self.blob_root)
-        return removed
 
     # -- maintenance ---------------------------------------------------------------------
 
-    def sweep_orphans(self) -> int:
-        """Removes blob and temp files no row names (left by a crash mid-upload or between a
-        family's deletion and the removal of its files), and empty folders of families
-        that no longer exist."""
-        db = self._db()
-        named = {r[0] for r in db.execute("SELECT blob_file FROM photos")}
-        named |= {r[0] for r in db.execute("SELECT context_file FROM families "
-                                           "WHERE context_file IS NOT NULL")}
-        named |= {r[0] for r in db.execute("SELECT matrix_file FROM detectors")}
-        families = {r[0] for r in db.execute("SELECT family_id FROM families")}
+    def sweep_orphans(self, min_age_seconds: float = 0.0) -> int:
+        """Removes blobs no row names (left by a crash mid-upload or between a family's
+        deletion and the removal of its blobs) that are at least ``min_age_seconds`` old.
+
+        With several servers on one store, a blob another server has just written may not
+        have its row yet: they sweep with an age well above the longest upload."""
+        # Listed before the rows are read: a blob written later is not considered, and a
+        # row committed before the read protects its blob.
+        cutoff = time.time() - min_age_seconds
+        candidates = [b for b in self.blobs.list() if b.modified <= cutoff
+                      and not b.key.endswith(NOT_BLOBS)]
+        with self.db.read() as db:
+            named = {f"{f}/{b}" for f, b in db.execute("SELECT family_id, blob_file FROM photos")}
+            named |= {f"{f}/{c}" for f, c in db.execute(
+                "SELECT family_id, context_file FROM families WHERE context_file IS NOT NULL")}
+            named |= {f"{DETECTORS}/{m}" for (m,) in db.execute(
+                "SELECT matrix_file FROM detectors")}
         removed = 0
-        for path in self.blob_root.rglob("*"):
-            if path.is_file() and path.name not in named and path.name != "vendor.token":
-                path.unlink(missing_ok=True)
+        for blob in candidates:
+            if blob.key not in named:
+                self.blobs.delete(blob.key)
                 removed += 1
-        for folder in self.blob_root.iterdir():
-            if folder.is_dir() and FAMILY_ID_RE.fullmatch(folder.name) \
-                    and folder.name not in families and not any(folder.iterdir()):
-                folder.rmdir()
+        if isinstance(self.blobs, FileBlobs):
+            removed += self.blobs.sweep_temp_files(cutoff)
         if removed:
-            log.info("removed %d orphan files", removed)
+            log.info("removed %d orphan blobs", removed)
         return removed
+
+
+def open_store(store_url: str, blobs_url: str, data_dir: Path,
+               migrate: bool | None = None) -> Store:
+    """The store ``--store`` and ``--blobs`` name ("": SQLite and files under
+    ``data_dir``). ``migrate`` None: the embedded SQLite default upgrades its schema
+    itself; a shared PostgreSQL must already be at the latest schema (privface-server
+    migrate), so replicas never race to change it."""
+    database = open_database(store_url, Path(data_dir) / "privface.sqlite3")
+    try:
+        blobs = open_blobs(blobs_url, Path(data_dir) / "blobs")
+        return Store(database=database, blobs=blobs,
+                     migrate=database.dialect == "sqlite" if migrate is None else migrate)
+    except BaseException:
+        database.close()
+        raise

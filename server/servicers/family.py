@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from common import ckks
-from common.errors import AuthenticationError, MalformedInputError
+from common.errors import AuthenticationError, MalformedInputError, NotFoundError
 from privface.v1 import family_pb2, family_pb2_grpc
 from server.auth import authenticate
 from server.config import ServerConfig
@@ -132,10 +132,10 @@ class FamilyServicer(family_pb2_grpc.FamilyServiceServicer):
         contexts uploaded before key ids were kept."""
         if family.ckks_key_id is not None or family.context_file is None:
             return family.ckks_key_id or b""
-        path = self.store.public_context_path(family)
         try:
-            key_id = ckks.load_public_context(path.read_bytes()).key_id if path else b""
-        except (OSError, ValueError):
+            data = self.store.public_context(family.family_id)
+            key_id = ckks.load_public_context(data).key_id if data else b""
+        except (NotFoundError, ValueError):
             log.warning("family %s: stored public context is unreadable", family.family_id)
             return b""
         self.store.set_ckks_key_id(family.family_id, key_id)

@@ -17,7 +17,7 @@ from server.errors import grpc_errors
 from server.label_index import LabelSearch
 from server.limits import ResourceLimits
 from server.servicers.chunks import header_then_parts
-from server.storage import PHOTO_ID_RE, Family, Store, write_file_atomically
+from server.storage import PHOTO_ID_RE, Family, Store
 from server.uploads import CheckedChunks, check_limit
 
 log = logging.getLogger(__name__)
@@ -82,19 +82,18 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
             self.limits.photos.check(*self.store.photo_usage(family.family_id),
                                      header.blob_size + len(header.encrypted_thumbnail))
 
-        path = self.store.new_blob_path(family.family_id, header.photo_id)
+        key = self.store.new_photo_key(family.family_id, header.photo_id)
         checked = CheckedChunks(chunks, header.blob_size, "photo blob")
         try:
-            write_file_atomically(path, checked)
+            self.store.blobs.put(key, checked)
             checked.verify(header.blob_sha256)
         except BaseException:
-            path.unlink(missing_ok=True)  # a dropped or bad upload leaves nothing behind
+            self.store.blobs.delete(key)  # a dropped or bad upload leaves nothing behind
             raise
         _, created = self.store.put_photo(
-            family.family_id, header.photo_id, path, header.blob_size, header.blob_sha256,
+            family.family_id, header.photo_id, key, header.blob_size, header.blob_sha256,
             header.encrypted_labels, header.encrypted_thumbnail or None, self.limits.photos)
-        if created:
-            self.search.photo_added(family.family_id, header.photo_id, header.encrypted_labels)
+        if created:  # searches on any server see it from their next call (label_version)
             log.info("family %s stored photo %s (%d bytes)", family.family_id, header.photo_id,
                      header.blob_size)
         return photos_pb2.BackupPhotoResponse(photo_id=header.photo_id,
@@ -106,8 +105,7 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
         family = authenticate(self.store, context)
         if request.mode not in MODES:
             raise MalformedInputError(f"unknown match mode {request.mode}")
-        result = self.search.search(family.family_id, family.label_dim,
-                                    request.label_key_fingerprint, family.label_key_fp,
+        result = self.search.search(family, request.label_key_fingerprint,
                                     request.encrypted_query, MODES[request.mode], request.top_n)
         log.info("family %s search: %d matches in %.1f ms", family.family_id,
                  len(result.photo_ids), result.server_ms)
@@ -135,12 +133,17 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
             yield photos_pb2.FetchPhotoResponse(blob_size=len(record.thumbnail),
                                                 chunk=record.thumbnail)
             return
-        with open(record.blob_path, "rb") as f:
-            chunk = f.read(FETCH_CHUNK_BYTES)  # the first message carries size and hash
+        chunks = self.store.blobs.open(record.blob_key, FETCH_CHUNK_BYTES)
+        try:
+            chunk = next(chunks, b"")  # the first message carries size and hash
             yield photos_pb2.FetchPhotoResponse(blob_size=record.blob_size,
                                                 blob_sha256=record.blob_sha256, chunk=chunk)
-            while context.is_active() and (chunk := f.read(FETCH_CHUNK_BYTES)):
+            while context.is_active() and (chunk := next(chunks, b"")):
                 yield photos_pb2.FetchPhotoResponse(chunk=chunk)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     @grpc_errors
     def DeletePhoto(self, request: photos_pb2.DeletePhotoRequest,
@@ -148,7 +151,6 @@ class PhotoServicer(photos_pb2_grpc.PhotoServiceServicer):
         family = authenticate(self.store, context)
         _check_photo_id(request.photo_id)
         self.store.delete_photo(family.family_id, request.photo_id)
-        self.search.photo_removed(family.family_id, request.photo_id)
         log.info("family %s deleted photo %s", family.family_id, request.photo_id)
         return photos_pb2.DeletePhotoResponse(photo_id=request.photo_id)
 

@@ -24,6 +24,7 @@ from server.storage import DEFAULT_INVITE_TTL, MAX_INVITE_TTL, Store, hash_token
 from server.tls import DevCerts
 from tests.conftest import channel as tls_channel
 from tests.conftest import tls_server_config
+from tests.server.conftest import StoreFactory
 
 SEALED_LIMIT = 64 * 1024
 PHONE_A = "a" * 32
@@ -230,9 +231,9 @@ def test_revoke_errors(stub) -> None:
     assert not any(d.revoked for d in devices(stub, md_a))
 
 
-def test_store_expiry_last_device_and_last_seen(tmp_path: Path) -> None:
+def test_store_expiry_last_device_and_last_seen(make_store: StoreFactory) -> None:
     now = [1_000_000.0]
-    store = Store(tmp_path, clock=lambda: now[0])
+    store = make_store(clock=lambda: now[0])
     family_id, token_a = store.create_family(bytes(16), 50, PHONE_A)
     short, expires = store.create_invite(family_id, 60, created_by=PHONE_A)
     assert expires == now[0] + 60

@@ -30,10 +30,10 @@ from server.storage import (
     MAX_INVITE_TTL,
     MAX_LIVE_INVITES,
     Store,
-    write_file_atomically,
 )
 from server.tls import DevCerts
 from tests.conftest import enroll_embeddings, tls_server_config
+from tests.server.conftest import StoreFactory
 from tests.server.test_photo_service import _photo_bytes
 
 
@@ -113,18 +113,18 @@ class _Clock:
 
 def _put(store: Store, family_id: str, photo_id: str, blob: bytes,
          thumbnail: bytes | None = None, quota: PhotoQuota | None = None) -> tuple[int, bool]:
-    path = store.new_blob_path(family_id, photo_id)
-    write_file_atomically(path, blob)
-    return store.put_photo(family_id, photo_id, path, len(blob), hashlib.sha256(blob).digest(),
+    key = store.new_photo_key(family_id, photo_id)
+    store.blobs.put(key, blob)
+    return store.put_photo(family_id, photo_id, key, len(blob), hashlib.sha256(blob).digest(),
                            b"labels-" + photo_id.encode(), thumbnail, quota)
 
 
 def _blob_files(store: Store, family_id: str) -> list[str]:
-    return sorted(p.name for p in (store.blob_root / family_id).glob("*.blob"))
+    return sorted(b.key for b in store.blobs.list(f"{family_id}/") if b.key.endswith(".blob"))
 
 
-def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
+def test_store_photo_records_usage_and_retries(make_store: StoreFactory) -> None:
+    store = make_store()
     family_id, _ = store.create_family(b"fp", 3)
     seq1, created1 = _put(store, family_id, "a" * 32, b"x" * 100, b"t" * 10)
     seq2, created2 = _put(store, family_id, "b" * 32, b"y" * 50)
@@ -133,10 +133,10 @@ def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
     assert (record.photo_id, record.seq, record.blob_size) == ("a" * 32, seq1, 100)
     assert record.blob_sha256 == hashlib.sha256(b"x" * 100).digest()
     assert (record.labels, record.thumbnail) == (b"labels-" + b"a" * 32, b"t" * 10)
-    assert record.blob_path.read_bytes() == b"x" * 100
+    assert store.blobs.read(record.blob_key) == b"x" * 100
     assert store.has_photo(family_id, "a" * 32) and not store.has_photo(family_id, "c" * 32)
     assert store.photo_usage(family_id) == (2, 160)  # blobs and thumbnails
-    assert Store(tmp_path / "s").photo_usage(family_id) == (2, 160)  # as counted from the rows
+    assert make_store().photo_usage(family_id) == (2, 160)  # as another server sees it
 
     # The same photo again: acknowledged, the second copy removed; another blob: refused.
     assert _put(store, family_id, "a" * 32, b"x" * 100, b"t" * 10) == (seq1, False)
@@ -155,11 +155,12 @@ def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
 
     assert store.delete_photo(family_id, "a" * 32) == seq1
     assert store.photo_usage(family_id) == (2, 90)
-    assert not record.blob_path.exists()
-    store.get_photo(family_id, "b" * 32).blob_path.unlink()  # a row whose file was lost
+    with pytest.raises(NotFoundError):
+        store.blobs.read(record.blob_key)
+    store.blobs.delete(store.get_photo(family_id, "b" * 32).blob_key)  # a row, its blob lost
     store.delete_photo(family_id, "b" * 32)  # can still be deleted
     assert store.photo_usage(family_id) == (1, 40)
-    restarted = Store(tmp_path / "s")  # nothing cached: the first change counts the rows
+    restarted = make_store()  # another server (or a restart) keeps the same count
     restarted.delete_photo(family_id, "c" * 32)
     assert restarted.photo_usage(family_id) == (0, 0)
     with pytest.raises(NotFoundError):
@@ -170,8 +171,8 @@ def test_store_photo_records_usage_and_retries(tmp_path: Path) -> None:
         store.get_photo(other, "b" * 32)
 
 
-def test_store_family_deletion_counts_and_forgets_usage(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
+def test_store_family_deletion_counts_and_forgets_usage(make_store: StoreFactory) -> None:
+    store = make_store()
     family_id, _ = store.create_family(b"fp", 3, device_id="d1")
     token = store.join_family(family_id, store.create_invite(family_id)[0], "d2", b"name")
     assert store.authenticate(family_id, token).device_id == "d2"
@@ -186,9 +187,9 @@ def test_store_family_deletion_counts_and_forgets_usage(tmp_path: Path) -> None:
     assert store.delete_family(family_id).photos == 0
 
 
-def test_store_invitations(tmp_path: Path) -> None:
+def test_store_invitations(make_store: StoreFactory) -> None:
     clock = _Clock()
-    store = Store(tmp_path / "s", clock=clock)
+    store = make_store(clock=clock)
     family_id, _ = store.create_family(b"fp", 3, device_id="d1")
     assert store.create_invite(family_id, ttl_seconds=1)[1] == clock.now + 1
     assert store.create_invite(family_id, ttl_seconds=0)[1] == clock.now + DEFAULT_INVITE_TTL
@@ -214,8 +215,8 @@ def test_store_invitations(tmp_path: Path) -> None:
     assert store.authenticate(family_id, token).device_id == "d2"
 
 
-def test_store_revocation(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
+def test_store_revocation(make_store: StoreFactory) -> None:
+    store = make_store()
     family_id, first = store.create_family(b"fp", 3, device_id="d1")
     second = store.join_family(family_id, store.create_invite(family_id)[0], "d2", b"")
     by_d2 = store.create_invite(family_id, created_by="d2")[0]

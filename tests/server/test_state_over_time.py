@@ -15,8 +15,8 @@ from client.rpc import PrivfaceClient
 from common import labels
 from common.errors import MalformedInputError, NotFoundError
 from server.label_index import MAX_TOP_N, FamilyLabelIndex, LabelSearch
-from server.storage import Store
 from tests.conftest import connect, enroll_embeddings
+from tests.server.conftest import StoreFactory
 
 ALL, ANY, RANKED = labels.MatchMode.ALL, labels.MatchMode.ANY, labels.MatchMode.RANKED
 
@@ -182,30 +182,41 @@ def test_label_index_grows_past_its_first_block_and_forgets_unknown_ids() -> Non
     assert len(found) == 2099 and found[0] == "02099" and found[-1] == "00001"
 
 
-def test_label_search_caches_each_family_and_forgets_it(tmp_path) -> None:
-    store = Store(tmp_path / "store")
-    fam_a, _ = store.create_family(b"fp", 1)
-    fam_b, _ = store.create_family(b"fp", 1)
+def test_label_search_follows_every_servers_changes(make_store: StoreFactory) -> None:
+    store = make_store()
+    fam_a, token_a = store.create_family(b"fp", 1)
+    fam_b, token_b = store.create_family(b"fp", 1)
     store.bulk_insert_labels(fam_a, _rows({"a1": [1.0]}))
     store.bulk_insert_labels(fam_b, _rows({"b1": [1.0]}))
     search = LabelSearch(store)
     query = np.array([1.0], "<f8").tobytes()
+    tokens = {fam_a: token_a, fam_b: token_b}
 
-    def found(family_id: str) -> list[str]:
-        return search.search(family_id, 1, b"fp", b"fp", query, ALL, 0).photo_ids
+    def found(family_id: str, mode: labels.MatchMode = ALL, top_n: int = 0) -> list[str]:
+        family = store.authenticate(family_id, tokens[family_id])  # reads the versions
+        return search.search(family, b"fp", query, mode, top_n).photo_ids
 
     assert (found(fam_a), found(fam_b)) == (["a1"], ["b1"])
-    assert search.index(fam_a, 1) is search.index(fam_a, 1)  # loaded once, then kept
-    store.bulk_insert_labels(fam_a, _rows({"a2": [1.0]}))  # behind the index's back
-    assert found(fam_a) == ["a1"]
+    version = store.authenticate(fam_a, token_a).label_version
+    assert search.index(fam_a, 1, version) is search.index(fam_a, 1, version)  # kept
+    other = make_store()  # another server on the same store
+    other.bulk_insert_labels(fam_a, _rows({"a2": [1.0]}))
+    assert found(fam_a) == ["a2", "a1"]  # seen on the next call
+    key = other.new_photo_key(fam_b, "b2")
+    other.blobs.put(key, b"blob")
+    other.put_photo(fam_b, "b2", key, 4, bytes(32), np.array([1.0], "<f8").tobytes(), None)
+    other.delete_photo(fam_b, "b1")
+    assert found(fam_b) == ["b2"]
+    other.delete_photo(fam_b, "b2")  # deleted and backed up again: back, newest
+    key = other.new_photo_key(fam_b, "b2")
+    other.blobs.put(key, b"blob")
+    other.put_photo(fam_b, "b2", key, 4, bytes(32), np.array([2.0], "<f8").tobytes(), None)
+    assert found(fam_b) == ["b2"]
     search.forget(fam_a)
     search.forget("fam_never_seen")
-    assert found(fam_a) == ["a2", "a1"] and found(fam_b) == ["b1"]
-    search.photo_added(fam_b, "b2", np.array([1.0], "<f8").tobytes())
-    search.photo_removed(fam_b, "b1")
-    assert found(fam_b) == ["b2"]
-    assert search.search(fam_a, 1, b"fp", b"fp", query, RANKED, MAX_TOP_N).photo_ids == [
-        "a1", "a2"]
+    assert found(fam_a) == ["a2", "a1"] and found(fam_b) == ["b2"]
+    assert found(fam_a, RANKED, MAX_TOP_N) == ["a1", "a2"]
+    family_a = store.authenticate(fam_a, token_a)
     for top_n in (0, MAX_TOP_N + 1):
         with pytest.raises(MalformedInputError, match="top_n"):
-            search.search(fam_a, 1, b"fp", b"fp", query, RANKED, top_n)
+            search.search(family_a, b"fp", query, RANKED, top_n)

@@ -1,0 +1,229 @@
+"""The metadata schema and its numbered migrations, for SQLite and PostgreSQL alike.
+
+The schema is written once in SQLite's words; :func:`for_dialect` turns it into
+PostgreSQL's (BYTEA, DOUBLE PRECISION, BIGINT, identity columns). Each migration runs in
+one transaction and records its number in ``schema_version``, so racing servers (or a
+server and ``privface-server migrate``) apply it exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+from common.errors import PreconditionError
+from server.database import Connection, Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS families (
+    family_id TEXT PRIMARY KEY,
+    token_hash BLOB NOT NULL,
+    label_key_fp BLOB NOT NULL,
+    label_dim INTEGER NOT NULL,
+    context_file TEXT,
+    context_size INTEGER,
+    created REAL NOT NULL,
+    ckks_key_id BLOB
+);
+CREATE TABLE IF NOT EXISTS photos (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    photo_id TEXT NOT NULL,
+    blob_file TEXT NOT NULL,
+    blob_size INTEGER NOT NULL,
+    blob_sha256 BLOB NOT NULL,
+    labels BLOB NOT NULL,
+    thumbnail BLOB,
+    created REAL NOT NULL,
+    UNIQUE (family_id, photo_id)
+);
+CREATE TABLE IF NOT EXISTS gallery_blocks (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    block INTEGER NOT NULL,
+    ciphertexts BLOB NOT NULL,
+    PRIMARY KEY (family_id, block)
+);
+CREATE TABLE IF NOT EXISTS gallery_positions (
+    family_id TEXT NOT NULL,
+    block INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    alive INTEGER NOT NULL DEFAULT 1,
+    PRIMARY KEY (family_id, block, position)
+);
+CREATE TABLE IF NOT EXISTS detectors (
+    detector_id TEXT NOT NULL,
+    key_version INTEGER NOT NULL,
+    key_fp BLOB NOT NULL,
+    header BLOB NOT NULL,
+    matrix_file TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (detector_id, key_version)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    device_id TEXT NOT NULL,
+    token_hash BLOB NOT NULL,
+    sealed_name BLOB NOT NULL,
+    created REAL NOT NULL,
+    last_seen REAL NOT NULL DEFAULT 0,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (family_id, device_id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS devices_by_token ON devices (token_hash);
+CREATE TABLE IF NOT EXISTS invites (
+    token_hash BLOB PRIMARY KEY,
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    created_by TEXT NOT NULL,
+    created REAL NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS invites_by_family ON invites (family_id, created_by);
+CREATE TABLE IF NOT EXISTS sealed_items (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (family_id, name)
+)
+"""
+
+# Replicas: usage counted in the family's row (exact under the family's write lock on every
+# server), and version numbers that tell each server's caches what changed since they
+# loaded: label_version (photos added or deleted; deletions leave a tombstone) and
+# gallery_version (blocks written, positions removed, a new public context).
+SCHEMA_V2 = """
+ALTER TABLE families ADD COLUMN photo_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE families ADD COLUMN stored_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE families ADD COLUMN label_version INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE families ADD COLUMN gallery_version INTEGER NOT NULL DEFAULT 0;
+UPDATE families SET
+    photo_count = (SELECT COUNT(*) FROM photos p WHERE p.family_id = families.family_id),
+    stored_bytes = (SELECT COALESCE(SUM(p.blob_size + COALESCE(length(p.thumbnail), 0)), 0)
+                    FROM photos p WHERE p.family_id = families.family_id);
+ALTER TABLE gallery_blocks ADD COLUMN version INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS photo_tombstones (
+    family_id TEXT NOT NULL REFERENCES families(family_id),
+    label_version INTEGER NOT NULL,
+    photo_id TEXT NOT NULL,
+    PRIMARY KEY (family_id, label_version)
+);
+CREATE INDEX IF NOT EXISTS photos_by_family_seq ON photos (family_id, seq)
+"""
+
+MIGRATIONS = (
+    Migration(1, "families, photos, gallery, detectors, devices, invitations, sealed items",
+              tuple(s for s in SCHEMA_V1.split(";") if s.strip())),
+    Migration(2, "usage counters, cache versions and photo tombstones (replicas)",
+              tuple(s for s in SCHEMA_V2.split(";") if s.strip())),
+)
+LATEST = MIGRATIONS[-1].version
+
+
+def for_dialect(statement: str, dialect: str) -> str:
+    """A schema statement in the words of ``dialect``."""
+    if dialect == "sqlite":
+        return statement
+    statement = statement.replace("INTEGER PRIMARY KEY AUTOINCREMENT",
+                                  "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    statement = re.sub(r"\bBLOB\b", "BYTEA", statement)
+    statement = re.sub(r"\bREAL\b", "DOUBLE PRECISION", statement)
+    return re.sub(r"\bINTEGER\b", "BIGINT", statement)
+
+
+def current_version(db: Database) -> int:
+    """The schema version recorded in the database (0: empty or written before versions)."""
+    with db.read() as conn:
+        if not _has_table(conn, db.dialect, "schema_version"):
+            return 0
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+
+def migrate(db: Database) -> list[Migration]:
+    """Applies every migration the database lacks; returns those applied."""
+    applied = []
+    for migration in MIGRATIONS:
+        with db.transaction(lock="privface/migrate") as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY "
+                         "KEY, applied REAL NOT NULL, description TEXT NOT NULL)")
+            done = conn.execute("SELECT 1 FROM schema_version WHERE version = ?",
+                                (migration.version,)).fetchone()
+            if done:
+                continue
+            if migration.version == 1 and db.dialect == "sqlite":
+                _upgrade_unversioned_sqlite(conn)
+            for statement in migration.statements:
+                conn.execute(for_dialect(statement, db.dialect))
+            if migration.version == 1:
+                _give_legacy_families_a_device(conn)
+            conn.execute("INSERT INTO schema_version (version, applied, description) "
+                         "VALUES (?, ?, ?)", (migration.version, time.time(),
+                                              migration.description))
+            applied.append(migration)
+            log.info("%s: schema migrated to version %d (%s)", db.url, migration.version,
+                     migration.description)
+    return applied
+
+
+def require_latest(db: Database) -> None:
+    """PreconditionError unless the schema is at :data:`LATEST` (PostgreSQL is migrated by
+    the operator, once, with ``privface-server migrate``; replicas never race to do it)."""
+    version = current_version(db)
+    if version != LATEST:
+        raise PreconditionError(
+            f"the database {db.url} has schema version {version}, this server needs "
+            f"{LATEST}: run `privface-server migrate --store URL` first"
+            if version < LATEST else
+            f"the database {db.url} has schema version {version}, newer than this server's "
+            f"{LATEST}: upgrade the server")
+
+
+def _has_table(conn: Connection, dialect: str, name: str) -> bool:
+    if dialect == "sqlite":
+        sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+    else:
+        sql = "SELECT 1 FROM information_schema.tables WHERE table_name = ? " \
+              "AND table_schema = current_schema()"
+    return conn.execute(sql, (name,)).fetchone() is not None
+
+
+def _sqlite_columns(conn: Connection, table: str) -> set[str]:
+    return {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade_unversioned_sqlite(conn: Connection) -> None:
+    """Databases written before schema versions: the families table may lack ckks_key_id
+    (CREATE ... IF NOT EXISTS leaves an old table as it is)."""
+    columns = _sqlite_columns(conn, "families")
+    if columns and "ckks_key_id" not in columns:
+        conn.execute("ALTER TABLE families ADD COLUMN ckks_key_id BLOB")
+
+
+def _give_legacy_families_a_device(conn: Connection) -> None:
+    """Families created before devices existed get their first device (their token)."""
+    from server.storage import legacy_device_id  # the id scheme lives with the store
+
+    legacy = conn.execute(
+        "SELECT family_id, token_hash, created FROM families f WHERE "
+        "length(token_hash) > 0 AND NOT EXISTS "
+        "(SELECT 1 FROM devices d WHERE d.family_id = f.family_id)").fetchall()
+    for family_id, token_hash, created in legacy:
+        conn.execute("INSERT INTO devices (family_id, device_id, token_hash, sealed_name, "
+                     "created) VALUES (?, ?, ?, ?, ?)",
+                     (family_id, legacy_device_id(family_id), token_hash, b"", created))
+    if legacy:
+        log.info("gave %d families created before devices existed their first device",
+                 len(legacy))
