@@ -26,6 +26,7 @@ POOL_MIN = 2
 POOL_MAX = 16
 CONNECT_TIMEOUT_S = 5
 POOL_WAIT_S = 10.0
+PING_WAIT_S = 2.0
 
 
 def redact(url: str) -> str:
@@ -66,9 +67,9 @@ class PostgresDatabase:
         self._pool.open(wait=False)
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+    def _connection(self, wait: float = POOL_WAIT_S) -> Iterator[psycopg.Connection[Any]]:
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection(timeout=wait) as conn:
                 yield conn
         except (PoolTimeout, psycopg.OperationalError) as exc:
             raise StorageUnavailableError(
@@ -94,7 +95,7 @@ class PostgresDatabase:
             yield _PgConnection(conn)
 
     def ping(self) -> None:
-        with self._connection() as conn:
+        with self._connection(wait=PING_WAIT_S) as conn:  # a health check must answer fast
             conn.execute("SELECT 1").fetchone()
 
     def after_delete(self) -> None:
