@@ -63,14 +63,20 @@ def replica_configs(fresh_postgres_url: str, tmp_path: Path,
             for i in range(2)]
 
 
-@pytest.fixture
-def replicas(replica_configs: list[ServerConfig]) -> Iterator[list[str]]:
-    started = [_start(c) for c in replica_configs]
+@contextlib.contextmanager
+def _serving(configs: list[ServerConfig]) -> Iterator[list[str]]:
+    started = [_start(c) for c in configs]
     try:
         yield [address for _, address in started]
     finally:
         for server, _ in started:
             server.stop(0).wait()
+
+
+@pytest.fixture
+def replicas(replica_configs: list[ServerConfig]) -> Iterator[list[str]]:
+    with _serving(replica_configs) as addresses:
+        yield addresses
 
 
 def _photo(i: int) -> bytes:
@@ -85,7 +91,21 @@ def _search(address: str, bundle: FamilyBundle, names: list[str]) -> list[str]:
 
 
 def test_photos_and_searches_follow_writes_on_the_other_replica(replicas: list[str]) -> None:
-    a, b = replicas
+    _photos_and_searches_across(*replicas)
+
+
+def test_replicas_on_postgresql_and_s3(replica_configs: list[ServerConfig],
+                                       s3_bucket_url: str) -> None:
+    """The production shape: `--store postgresql://... --blobs s3://...` (moto here)."""
+    with _serving([replace(c, blobs=s3_bucket_url) for c in replica_configs]) as (a, b):
+        _photos_and_searches_across(a, b)
+    from server.blobs_s3 import S3Blobs
+
+    keys = [blob.key for blob in S3Blobs.from_url(s3_bucket_url).list()]
+    assert len(keys) == 2 and all(k.endswith(".blob") for k in keys)  # the two live photos
+
+
+def _photos_and_searches_across(a: str, b: str) -> None:
     with PrivfaceClient(a) as first:
         bundle = create_family(first)
     for name in ("Mum", "Tom"):
@@ -101,11 +121,13 @@ def test_photos_and_searches_follow_writes_on_the_other_replica(replicas: list[s
         again = pipeline.backup_photo(on_b, bundle, _photo(2),
                                       [bundle.slot_of("Mum"), bundle.slot_of("Tom")])
         assert again.already_stored  # idempotent by id, whichever replica answers
+        tom = pipeline.backup_photo(on_b, bundle, _photo(3), [bundle.slot_of("Tom")])
         on_b.delete_photo(mum.photo_id)
         assert _search(a, bundle, ["Mum"]) == [both.photo_id]  # A's index saw the delete
+        assert _search(a, bundle, ["Tom"]) == [tom.photo_id, both.photo_id]
         with pytest.raises(NotFoundError):
             on_a.fetch_photo(mum.photo_id)
-        assert on_a.get_family().photo_count == on_b.get_family().photo_count == 1
+        assert on_a.get_family().photo_count == on_b.get_family().photo_count == 2
 
 
 def test_gallery_and_keys_follow_writes_on_the_other_replica(replicas: list[str]) -> None:
