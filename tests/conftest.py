@@ -27,6 +27,8 @@ from server.app import create_server
 from server.config import ServerConfig
 from server.tls import DevCerts, write_dev_certs
 
+pytest_plugins = ["tests.backends"]  # PostgreSQL and S3 (moto) fixtures: tests/backends.py
+
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
