@@ -33,6 +33,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,7 +48,7 @@ from botocore.exceptions import (
     ResponseStreamingError,
 )
 
-from common.errors import NotFoundError
+from common.errors import NotFoundError, StorageUnavailableError
 from server.blobs import READ_CHUNK_BYTES, BlobInfo, check_key
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,22 @@ class S3Blobs:
 
     # -- writing --------------------------------------------------------------------------
 
+    @contextmanager
+    def _service(self, action: str, key: str) -> Iterator[None]:
+        """The service failing (unreachable, 5xx after botocore's retries) becomes
+        StorageUnavailableError: the call gets UNAVAILABLE and the phone retries."""
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageUnavailableError(
+                f"the blob store {self.url} could not {action} {key} ({type(exc).__name__}): "
+                "retry shortly") from exc
+
     def put(self, key: str, chunks: Iterable[bytes] | bytes) -> int:
+        with self._service("store", key):
+            return self._put(key, chunks)
+
+    def _put(self, key: str, chunks: Iterable[bytes] | bytes) -> int:
         object_key = self.object_key(key)
         if isinstance(chunks, bytes | bytearray | memoryview):
             chunks = [bytes(chunks)]
@@ -285,14 +301,18 @@ class S3Blobs:
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         object_key = self.object_key(key)
-        response = self._get(object_key, key, ChecksumMode="ENABLED")
+        with self._service("read", key):
+            response = self._get(object_key, key, ChecksumMode="ENABLED")
         return self._stream(object_key, key, response, chunk_bytes)
 
     def _stream(self, object_key: str, key: str, response: dict[str, Any],
                 chunk_bytes: int) -> Iterator[bytes]:
-        size = int(response["ContentLength"])
-        etag = str(response["ETag"])
-        body = response["Body"]
+        with self._service("read", key):
+            yield from self._chunks(object_key, key, response["Body"], str(response["ETag"]),
+                                    int(response["ContentLength"]), chunk_bytes)
+
+    def _chunks(self, object_key: str, key: str, body: Any, etag: str, size: int,
+                chunk_bytes: int) -> Iterator[bytes]:
         offset = 0
         resumes = 0
         try:
@@ -321,15 +341,18 @@ class S3Blobs:
     # -- the rest -------------------------------------------------------------------------
 
     def delete(self, key: str) -> None:
-        try:
-            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
-        except ClientError as exc:
-            if not _is_missing(exc):
-                raise
+        with self._service("delete", key):
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key))
+            except ClientError as exc:
+                if not _is_missing(exc):
+                    raise
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._list_prefix(prefix)):
-            for item in page.get("Contents", []):
-                yield BlobInfo(self._blob_key(item["Key"]), int(item["Size"]),
-                               item["LastModified"].timestamp())
+        with self._service("list", prefix or "/"):
+            for page in paginator.paginate(Bucket=self.bucket,
+                                           Prefix=self._list_prefix(prefix)):
+                for item in page.get("Contents", []):
+                    yield BlobInfo(self._blob_key(item["Key"]), int(item["Size"]),
+                                   item["LastModified"].timestamp())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -412,3 +413,26 @@ def test_scripts_pg_start_is_idempotent_and_survives_a_taken_port(postgres_url: 
     finally:
         pg("destroy")
     assert not folder.exists()
+
+
+def test_an_unreachable_s3_service_is_unavailable_not_internal() -> None:
+    """A service that stops answering (after botocore's own retries) is
+    StorageUnavailableError for every operation: the server answers UNAVAILABLE."""
+    import boto3
+    from botocore.config import Config
+
+    from common.errors import StorageUnavailableError
+    from server.blobs_s3 import S3Blobs
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="x",
+        aws_secret_access_key="y", region_name="us-east-1",
+        config=Config(connect_timeout=1, retries={"max_attempts": 1}))
+    store = S3Blobs(client, "privface-down")
+    for operation in (lambda: store.put("a/b", b"x"), lambda: store.read("a/b"),
+                      lambda: store.delete("a/b"), lambda: list(store.list())):
+        with pytest.raises(StorageUnavailableError, match="retry shortly"):
+            operation()
