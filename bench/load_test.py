@@ -27,9 +27,19 @@ list) can reuse them:
   ("WRONG_RESULT").
 
 The server runs as its own process (``python -m server``, TLS with a development
-certificate from ``privface-server tls-init``, or plaintext with ``--insecure``) unless
-``--server`` names running ones. Loopback only; bounded by ``--seconds`` and
-``--max-requests``.
+certificate, or plaintext with ``--insecure``) unless ``--server`` names running ones.
+``--replicas N`` starts N processes on different ports sharing one store (``--store
+sqlite:PATH | postgresql://...``, ``--blobs file:DIR | s3://BUCKET/PREFIX``; several
+replicas without ``--store`` share one SQLite file); every phone's client is given the
+comma-separated list of all of them (one channel, round-robin; the client retries
+idempotent calls on UNAVAILABLE). ``--kill-replica-at S`` SIGKILLs one replica S seconds
+into the load and restarts it ``--restart-after`` seconds later; the phones record every
+acknowledged backup (photo id, SHA-256 of the encrypted blob), and after the run each
+replica alone is checked: no acknowledged photo lost, every family's data identical from
+every replica, errors by status before / during / after the kill (bench/replica_kill.py).
+``--matrix`` runs the same load three times: SQLite (1 process), PostgreSQL (1 replica),
+PostgreSQL (2 replicas), PostgreSQL from ``--pg-url`` or ``scripts/pg start``.
+Loopback only; bounded by ``--seconds`` and ``--max-requests``.
 
 Importing this module patches the standard library for gevent (locust does so on
 import) and sets up grpcio for gevent: run it as a script or import it first.
@@ -40,6 +50,9 @@ Usage::
         --json bench/results/load.json [--profile out.svg] [--insecure]
     .venv/bin/python bench/load_test.py --server 127.0.0.1:50051,127.0.0.1:50052 \\
         --tls-ca ca.pem --vendor-token-file var/server/vendor.token ...
+    .venv/bin/python bench/load_test.py --replicas 2 --store "$(scripts/pg url)" \\
+        --kill-replica-at 30 --json bench/results/load_replica_kill.json
+    .venv/bin/python bench/load_test.py --matrix --json bench/results/load_matrix.json
 """
 
 from __future__ import annotations
@@ -47,6 +60,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Replicas are restarted from this process while its gRPC channels are busy: gRPC's fork
+# handlers (for a fork that keeps running Python, not fork + exec) abort the child there.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 
 # locust monkey-patches the standard library for gevent on import: before grpc and ssl.
 import locust  # noqa: I001
@@ -60,20 +76,20 @@ grpc_gevent.init_gevent()  # before any channel is made
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import logging  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -86,7 +102,9 @@ import psutil  # type: ignore[import-untyped]  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import replica_kill  # noqa: E402
 from bench.common import print_table, write_json  # noqa: E402
+from bench.replica_kill import CallEvent, KillRecord, ReplicaSet  # noqa: E402
 from client import vendor  # noqa: E402
 from client.config import ClientConfig  # noqa: E402
 from client.keystore import FamilyBundle  # noqa: E402
@@ -98,6 +116,7 @@ from client.rpc import (  # noqa: E402
     DetectionStream,
     PrivfaceClient,
     RemoteError,
+    ServerUnavailableError,
     WindowOutcomes,
 )
 from client.session import FamilySession  # noqa: E402
@@ -187,6 +206,10 @@ class LoadFamily:
     queries: list[FaceQuery]
     stored: dict[str, frozenset[int]] = field(default_factory=dict)  # id -> slots
     pending: dict[str, frozenset[int]] = field(default_factory=dict)  # backups in flight
+    # backups that failed (maybe stored anyway: in flight when a replica died)
+    unsettled: dict[str, frozenset[int]] = field(default_factory=dict)
+    # acknowledged backups: photo id -> SHA-256 (hex) of the encrypted blob sent
+    acked: dict[str, str] = field(default_factory=dict)
 
     @property
     def credentials(self) -> Credentials:
@@ -207,26 +230,17 @@ class Prebuilt:
 # -- the server ----------------------------------------------------------------------------
 
 
-@dataclass
-class LocalServer:
-    """A privface-server process on loopback."""
-
-    address: str
-    process: subprocess.Popen[bytes]
-    vendor_token: str
-    tls_ca: Path | None
-    log_path: Path
-
-
 def generous_limits(users: int, families: int) -> dict[str, int]:
     """Server limits (ServerConfig fields) raised where the defaults would refuse this
-    load: every phone may hold a long call at once, a family's phones all at once, and
-    every family registers within the same minute from 127.0.0.1. Only the fields this
-    server has; defaults that are already enough are kept."""
+    load: every phone may hold a long call at once (all on one replica when another is
+    down), a family's phones all at once, and every family registers within the same
+    minute from 127.0.0.1. Only the fields this server has; defaults that are already
+    enough are kept."""
     base = ServerConfig()
     wanted = {"max_streams": users + 8,
               "max_family_streams": -(-users // max(1, families)) + 2,
-              "register_per_minute": families + 10}
+              "register_per_minute": families + 10,
+              "max_calls_per_address": users + 8}  # every phone is 127.0.0.1
     out = {k: v for k, v in wanted.items() if isinstance(getattr(base, k, None), int)
            and v > getattr(base, k)}
     if "max_streams" in out and hasattr(base, "workers"):
@@ -235,56 +249,9 @@ def generous_limits(users: int, families: int) -> dict[str, int]:
     return out
 
 
-@contextlib.contextmanager
-def local_server(work: Path, insecure: bool, limits: dict[str, int] | None = None
-                 ) -> Iterator[LocalServer]:
-    """Starts ``python -m server`` on 127.0.0.1 (port 0) with a fresh data dir: TLS with a
-    development certificate, or plaintext if ``insecure``; ``limits`` as flags. Stops it
-    (SIGTERM) on exit."""
-    data = work / "server"
-    args = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0",
-            "--data-dir", str(data)]
-    for name, value in (limits or {}).items():
-        args += ["--" + name.replace("_", "-"), str(value)]
-    tls_ca = None
-    if insecure:
-        args.append("--insecure")
-    else:
-        tls_dir = work / "tls"
-        subprocess.run([sys.executable, "-m", "server", "tls-init", str(tls_dir)], cwd=ROOT,
-                       check=True, stdout=subprocess.DEVNULL)
-        args += ["--tls-cert", str(tls_dir / "server.pem"), "--tls-key",
-                 str(tls_dir / "server.key")]
-        tls_ca = tls_dir / "ca.pem"
-    token = secrets.token_urlsafe(32)
-    env = dict(os.environ, PRIVFACE_VENDOR_TOKEN=token)
-    log_path = work / "server.log"
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        port = _wait_for_port(proc, log_path)
-        yield LocalServer(f"127.0.0.1:{port}", proc, token, tls_ca, log_path)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _wait_for_port(proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = re.search(r"listening on [^\s:]+:(\d+)", log_path.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log_path.read_text(errors="replace")[-2000:]
-    raise SystemExit(f"privface-server did not start (exit {proc.poll()}):\n{tail}")
+def limit_flags(limits: dict[str, int]) -> list[str]:
+    """``--max-streams 24 ...`` for a server's command line."""
+    return [x for k, v in limits.items() for x in ("--" + k.replace("_", "-"), str(v))]
 
 
 # -- prebuild ------------------------------------------------------------------------------
@@ -522,12 +489,21 @@ class _Phone:
 
     def __init__(self, family: LoadFamily, client: PrivfaceClient, rng: random.Random,
                  detections: Sequence[DetectionRecording] = (),
-                 key: sc.ProductKey | None = None) -> None:
+                 key: sc.ProductKey | None = None, retried_ack_ok: bool = False) -> None:
         self.family = family
         self.client = client
         self.rng = rng
         self.detections = detections
         self.key = key
+        # With a replica killed mid-run, a backup retried after its acknowledgement was lost
+        # is rightly answered "already stored" (the ids are fresh, so only a retry can be).
+        self.retried_ack_ok = retried_ack_ok
+        self.already_on_retry = 0
+        self.rpc_start: float | None = None  # perf_counter when the last RPC began
+
+    def started(self, default: float) -> float:
+        """When the last call's RPC began (``default`` if it never did: failed before)."""
+        return default if self.rpc_start is None else self.rpc_start
 
     # each returns (the RPC's result, its seconds, a check to run on it)
 
@@ -543,17 +519,22 @@ class _Phone:
         encrypted = photos.encrypt_labels(bundle, sorted(base.slots))
         f.pending[photo_id] = base.slots
         try:
-            start = time.perf_counter()
+            self.rpc_start = start = time.perf_counter()
             already = self.client.backup_photo(photo_id, blob, encrypted,
                                                bundle.label_key.fingerprint(), thumb)
             seconds = time.perf_counter() - start
+        except BaseException:
+            f.unsettled[photo_id] = base.slots  # maybe stored anyway: not acknowledged
+            raise
         finally:
             f.pending.pop(photo_id, None)
 
         def check(already: bool) -> None:
-            if already:
+            if already and not self.retried_ack_ok:
                 raise WrongResult(f"a new photo {photo_id} was reported as already stored")
+            self.already_on_retry += already
             f.stored[photo_id] = base.slots
+            f.acked[photo_id] = hashlib.sha256(blob).hexdigest()
         return Timed(already, seconds, check)
 
     def search(self) -> Timed:
@@ -566,7 +547,7 @@ class _Phone:
         top_n = SEARCH_TOP_N if mode is labels.MatchMode.RANKED else 0
         query = photos.encrypt_query(f.bundle, slots, mode)
         snapshot = dict(f.stored)  # committed before the call: each must be found
-        start = time.perf_counter()
+        self.rpc_start = start = time.perf_counter()
         result = self.client.search_photos(query, f.bundle.label_key.fingerprint(), mode,
                                            top_n)
         seconds = time.perf_counter() - start
@@ -583,7 +564,8 @@ class _Phone:
         before = f.stored if family_snapshot is None else family_snapshot
         any_mode = labels.MatchMode.ANY if mode is labels.MatchMode.RANKED else mode
         must = {i for i, s in before.items() if _query_matches(s, slots, any_mode)}
-        may = must | {i for i, s in [*f.stored.items(), *f.pending.items()]
+        may = must | {i for i, s in [*f.stored.items(), *f.pending.items(),
+                                     *f.unsettled.items()]
                       if _query_matches(s, slots, any_mode)}
         if not ids <= may:
             raise WrongResult(f"search {slots} {mode}: {len(ids - may)} photo(s) that do not "
@@ -597,7 +579,7 @@ class _Phone:
 
     def match(self) -> Timed:
         query = self.rng.choice(self.family.queries)
-        start = time.perf_counter()
+        self.rpc_start = start = time.perf_counter()
         replies = self.client.match_faces([query.ciphertexts])
         seconds = time.perf_counter() - start
         return Timed(replies, seconds, lambda r: self.check_match(query, r))
@@ -618,7 +600,7 @@ class _Phone:
     def _fetch(self, thumbnail: bool) -> Timed:
         f = self.family
         photo_id = self.rng.choice(list(f.stored))
-        start = time.perf_counter()
+        self.rpc_start = start = time.perf_counter()
         blob = self.client.fetch_photo(photo_id, thumbnail)
         seconds = time.perf_counter() - start
 
@@ -637,7 +619,7 @@ class _Phone:
         if self.key is None or not self.detections:
             raise WrongResult("no recorded detection to replay")
         recording = self.rng.choice(self.detections)
-        start = time.perf_counter()
+        self.rpc_start = start = time.perf_counter()
         stream = self.client.open_detection(self.key.detector_id, self.key.version,
                                             self.key.fingerprint())
         answers = []
@@ -671,8 +653,12 @@ class LoadResult:
     driver_cpu_warning: bool
     error_examples: dict[str, str]
     server_ms: dict[str, list[float]]  # compute time the server reported (search, detection)
-    by_server: dict[str, int]  # calls per server address
+    by_server: dict[str, int]  # calls per server address (list) the phones were given
     loadavg: tuple[float, float]  # the machine's 1-minute load average before and after
+    events: list[CallEvent] = field(default_factory=list)  # every call, on the load's clock
+    kill: KillRecord | None = None  # the replica killed and restarted, if any
+    already_on_retry: int = 0  # backups answered "already stored" after a retry
+    server_cpu_by_replica: list[float] | None = None  # CPU seconds per replica
 
 
 def status_of(exc: BaseException) -> str:
@@ -684,13 +670,17 @@ def status_of(exc: BaseException) -> str:
             return str(e.code().name)
     if isinstance(exc, RemoteError):
         return exc.code.name
+    if isinstance(exc, ServerUnavailableError):  # UNAVAILABLE, translated by the client
+        return "UNAVAILABLE"
     return type(exc).__name__
 
 
 def _make_user(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
-               mix: dict[str, int], wait: float, seed: int, each_first: bool) -> type[User]:
+               mix: dict[str, int], wait: float, seed: int, each_first: bool,
+               spread: bool, retried_ack_ok: bool, phones: list[_Phone]) -> type[User]:
     counter = itertools.count()
     families = prebuilt.families
+    balanced = ",".join(servers)
 
     def task(kind: str) -> Callable[[Any], None]:
         def run(user: Any) -> None:
@@ -708,10 +698,12 @@ def _make_user(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
         def on_start(self) -> None:
             i = next(counter)
             family = families[i % len(families)]
-            self.server = servers[i % len(servers)]
+            # One channel over every server (round-robin), or (spread) server i mod S.
+            self.server = servers[i % len(servers)] if spread else balanced
             self.client = PrivfaceClient(self.server, family.credentials, config)
             self.phone = _Phone(family, self.client, random.Random(seed * 1000 + i),
-                                prebuilt.detections, prebuilt.product_key)
+                                prebuilt.detections, prebuilt.product_key, retried_ack_ok)
+            phones.append(self.phone)
             if each_first:
                 for kind, weight in mix.items():
                     if weight > 0:
@@ -722,6 +714,7 @@ def _make_user(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
 
         def call(self, kind: str) -> None:
             start = time.perf_counter()
+            self.phone.rpc_start = None
             exc: BaseException | None = None
             server_ms = None
             try:
@@ -734,7 +727,9 @@ def _make_user(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
             self.environment.events.request.fire(
                 request_type="grpc", name=RPC_NAMES[kind], response_time=elapsed_ms,
                 response_length=0, exception=exc,
-                context={"server": self.server, "server_ms": server_ms})
+                context={"server": self.server, "server_ms": server_ms,
+                         "rpc_start": self.phone.started(start),
+                         "end": time.perf_counter()})
 
     return Phone
 
@@ -743,21 +738,32 @@ def run_load(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
              users: int = 16, seconds: float = 60, seed: int = 1,
              mix: dict[str, int] | None = None, wait: float = 0.0,
              max_requests: int = 200_000, server_pid: int | None = None,
-             profile: Path | None = None, each_first: bool = False) -> LoadResult:
+             profile: Path | None = None, each_first: bool = False,
+             replicas: ReplicaSet | None = None, kill_at: float | None = None,
+             kill_replica: int = -1, restart_after: float = 2.0,
+             spread: bool = False) -> LoadResult:
     """``users`` phones for ``seconds`` (or ``max_requests`` calls) in one locust
     environment; every call's latency and status recorded. ``each_first``: each phone
-    starts with one call of every kind in the mix (so a short run covers them all)."""
+    starts with one call of every kind in the mix (so a short run covers them all).
+    ``replicas``: the servers started here (their CPU is measured); with ``kill_at``,
+    replica ``kill_replica`` is SIGKILLed that many seconds into the load and restarted
+    ``restart_after`` s later (the run lasts at least until it serves again). ``spread``:
+    each phone talks to one server (i mod S) instead of balancing over all of them."""
     mix = dict(mix or MIX)
     if prebuilt.product_key is None or not prebuilt.detections:
         mix["detect"] = 0
-    phone_class = _make_user(prebuilt, servers, config, mix, wait, seed, each_first)
+    phones: list[_Phone] = []
+    phone_class = _make_user(prebuilt, servers, config, mix, wait, seed, each_first, spread,
+                             kill_at is not None, phones)
     env = Environment(user_classes=[phone_class], stop_timeout=60)
     samples: dict[str, list[float]] = defaultdict(list)
     server_ms: dict[str, list[float]] = defaultdict(list)
     by_server: Counter[str] = Counter()
     errors: dict[str, Counter[str]] = defaultdict(Counter)
     examples: dict[str, str] = {}
+    events: list[CallEvent] = []
     runner = env.create_local_runner()
+    t0 = time.perf_counter()
 
     def on_request(name: str, response_time: float, exception: BaseException | None,
                    context: dict[str, Any], **_: Any) -> None:
@@ -765,32 +771,53 @@ def run_load(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
         by_server[context["server"]] += 1
         if context.get("server_ms") is not None and exception is None:
             server_ms[name].append(context["server_ms"])
+        code = "OK"
         if exception is not None:
             code = status_of(exception)
             errors[name][code] += 1
             examples.setdefault(f"{name} {code}", str(exception)[:300])
+        events.append(CallEvent(name, context["rpc_start"] - t0, context["end"] - t0, code))
         if sum(len(s) for s in samples.values()) == max_requests:
             gevent.spawn(runner.quit)
 
     env.events.request.add_listener(on_request)
-    server_proc = psutil.Process(server_pid) if server_pid else None
+    server_proc = psutil.Process(server_pid) if server_pid and replicas is None else None
     server_cpu0 = _cpu(server_proc)
+    replica_cpu0 = replicas.cpu_seconds() if replicas is not None else None
     driver_cpu0 = _cpu(psutil.Process())
     profiler = _start_profile(profile, server_pid, seconds)
     load_before = os.getloadavg()[0]
-    start = time.perf_counter()
+    t0 = start = time.perf_counter()
+    killer = None
+    if replicas is not None and kill_at is not None:
+        index = kill_replica % len(replicas.servers)
+        killer = gevent.spawn(replicas.kill_and_restart, index, kill_at, restart_after, t0)
     runner.start(users, spawn_rate=users)
     stopper = gevent.spawn_later(seconds, runner.quit)
     runner.greenlet.join()
     stopper.kill()
     elapsed = time.perf_counter() - start
+    kill = None
+    if killer is not None:
+        if not killer.ready() and kill_at is not None and kill_at >= elapsed:
+            killer.kill()  # the load ended before the kill: none happened
+        else:
+            kill = killer.get()  # waits for the restart
+            kill = replace(kill, in_flight=sum(1 for e in events
+                                               if e.start < kill.killed_at <= e.end))
     server_cpu = _cpu(server_proc) - server_cpu0 if server_proc else None
+    by_replica = None
+    if replicas is not None and replica_cpu0 is not None:
+        by_replica = [round(b - a, 2) for a, b in zip(replica_cpu0, replicas.cpu_seconds(),
+                                                      strict=True)]
+        server_cpu = sum(by_replica)
     driver_cpu = _cpu(psutil.Process()) - driver_cpu0
     if profiler is not None:
         profiler.wait()
     return LoadResult(dict(samples), dict(errors), elapsed, users, server_cpu, driver_cpu,
                       bool(runner.cpu_warning_emitted), examples, dict(server_ms),
-                      dict(by_server), (load_before, os.getloadavg()[0]))
+                      dict(by_server), (load_before, os.getloadavg()[0]), events, kill,
+                      sum(p.already_on_retry for p in phones), by_replica)
 
 
 def _cpu(proc: psutil.Process | None) -> float:
@@ -887,7 +914,19 @@ def summarise(result: LoadResult, mix: dict[str, int]) -> dict[str, Any]:
                           if result.server_cpu_s is not None else None),
         driver_cpu_cores=round(result.driver_cpu_s / result.seconds, 2),
         driver_cpu_saturated=result.driver_cpu_warning, requests_by_server=result.by_server,
-        loadavg_before=round(result.loadavg[0], 2), loadavg_after=round(result.loadavg[1], 2))
+        loadavg_before=round(result.loadavg[0], 2), loadavg_after=round(result.loadavg[1], 2),
+        server_cpu_ms_per_call=(round(result.server_cpu_s * 1000 / total, 2)
+                                if result.server_cpu_s is not None and total else None),
+        server_cpu_s_by_replica=result.server_cpu_by_replica,
+        backups_already_stored_on_retry=result.already_on_retry,
+        kill_at_s=round(result.kill.killed_at, 2) if result.kill else None,
+        kill=(None if result.kill is None else
+              {"replica": result.kill.replica, "address": result.kill.address,
+               "killed_at_s": round(result.kill.killed_at, 2),
+               "serving_again_at_s": round(result.kill.back_at, 2),
+               "down_s": round(result.kill.back_at - result.kill.killed_at, 2),
+               "calls_in_flight": result.kill.in_flight}),
+        by_window=replica_kill.windows_report(result.events, result.kill))
     return flat
 
 
@@ -909,6 +948,39 @@ def print_report(figures: dict[str, Any]) -> None:
           + (" (saturated: locust warned)" if figures["driver_cpu_saturated"] else "")
           + f"; machine load average {figures['loadavg_before']} -> "
             f"{figures['loadavg_after']} on {os.cpu_count()} cores")
+    kill = figures.get("kill")
+    if kill:
+        print(f"replica {kill['replica']} ({kill['address']}) SIGKILLed at "
+              f"{kill['killed_at_s']} s, serving again at {kill['serving_again_at_s']} s; "
+              f"{kill['calls_in_flight']} calls in flight at the kill; "
+              f"{figures['backups_already_stored_on_retry']} backups acknowledged on a retry "
+              "as already stored")
+        report = figures["by_window"]
+        rows = []
+        for kind, name in RPC_NAMES.items():
+            if not figures["rpcs"][kind]["requests"]:
+                continue
+            row: list[Any] = [name]
+            for w in ("before", "during", "after"):
+                win = report["windows"][w]
+                errs = win["errors"].get(name, {})
+                row.append(f"{win['calls'].get(name, 0)} / "
+                           + (", ".join(f"{c} x{n}" for c, n in sorted(errs.items())) or "0"))
+            flying = report["failed_in_flight"].get(name, {})
+            other = report["failed_not_in_flight"].get(name, {})
+            row += [f"{report['in_flight_at_kill'].get(name, 0)} / {sum(flying.values())}",
+                    sum(other.values())]
+            rows.append(row)
+        print_table(["RPC", "before: calls / errors", "during", "after",
+                     "in flight at kill / failed", "failed, not in flight"], rows)
+    if "lost_uploads" in figures:
+        print(f"acknowledged uploads: {figures['acked_uploads']}, lost: "
+              f"{figures['lost_uploads']}; every family identical from each of "
+              f"{len(figures['verified_replicas'])} replica(s): "
+              f"{figures['consistent_across_replicas']}"
+              + "".join(f"\n  {d}" for d in [*figures["lost_examples"],
+                                               *figures["differences"],
+                                               *figures["verify_problems"]][:10]))
 
 
 # -- command line --------------------------------------------------------------------------
@@ -923,6 +995,201 @@ def parse_mix(text: str) -> dict[str, int]:
                                              f"{', '.join(MIX)} (got {part!r})")
         mix[kind] = int(weight)
     return mix
+
+
+def record_baseline(address: str, config: ClientConfig, families: Sequence[LoadFamily]
+                    ) -> None:
+    """The photos backed up while building the families are acknowledged too: each is
+    fetched once (before any load or fault) and its blob's SHA-256 goes in the ledger."""
+    for f in families:
+        with PrivfaceClient(address, f.credentials, config) as client:
+            for photo_id in f.stored:
+                f.acked[photo_id] = hashlib.sha256(client.fetch_photo(photo_id)).hexdigest()
+
+
+def storage_costs(replicas: ReplicaSet, photos: int, families: int) -> dict[str, Any]:
+    """What the store and blob store hold after the run, per photo and per family."""
+    out: dict[str, Any] = {"photos": photos, "families": families}
+    if replica_kill.store_kind(replicas.store) == "postgresql":
+        sizes = replica_kill.postgres_sizes(replicas.store)
+        out["db_bytes"] = sizes["database_bytes"]
+        out["db_tables"] = sizes["tables"]
+        out["db_photo_rows_bytes"] = sizes["tables"].get("photos", {}).get("bytes")
+    else:
+        db = (Path(replicas.store[len("sqlite:"):]) if replicas.store
+              else replicas.work / "data-0" / "privface.sqlite3")
+        out["db_bytes"] = sum(f.stat().st_size for f in db.parent.glob(db.name + "*"))
+    blob_dir = (Path(replicas.blobs[len("file:"):]) if replicas.blobs.startswith("file:")
+                else None if replicas.blobs else replicas.work / "data-0")
+    if blob_dir is not None:
+        files, size = replica_kill.tree_bytes(blob_dir)
+        if not replicas.blobs:  # the default data dir holds the database too
+            size -= out["db_bytes"]
+        out.update(blob_files=files, blob_bytes=size)
+    if photos:
+        out["db_bytes_per_photo"] = round(out["db_bytes"] / photos)
+        if out.get("db_photo_rows_bytes"):
+            out["db_photo_row_bytes_per_photo"] = round(out["db_photo_rows_bytes"] / photos)
+        if "blob_bytes" in out:
+            out["blob_bytes_per_photo"] = round(out["blob_bytes"] / photos)
+    return out
+
+
+def per_rpc_costs(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConfig,
+                  replicas: ReplicaSet, users: int, seconds: float, seed: int
+                  ) -> dict[str, Any]:
+    """Server CPU per call of each kind alone: a short load of that kind only."""
+    out: dict[str, Any] = {}
+    for kind in ("search", "match", "backup", "thumbnail", "fetch", "detect"):
+        if kind == "detect" and not prebuilt.detections:
+            continue
+        mix = {k: int(k == kind) for k in MIX}
+        result = run_load(prebuilt, servers, config, users, seconds, seed, mix,
+                          replicas=replicas)
+        calls = sum(len(v) for v in result.samples.values())
+        cpu = result.server_cpu_s or 0.0
+        out[kind] = {"calls": calls, "rps": round(calls / result.seconds, 1),
+                     "server_cpu_ms_per_call": round(cpu * 1000 / calls, 2) if calls else None,
+                     "server_cpu_cores": round(cpu / result.seconds, 2),
+                     "errors": sum(sum(c.values()) for c in result.errors.values())}
+        log(f"[cost] {kind}: {out[kind]}")
+    return out
+
+
+def run_once(args: argparse.Namespace, n_replicas: int, store: str, blobs: str,
+             kill_at: float | None, label: str = "") -> dict[str, Any]:
+    """One load run: servers started here (or --server), families built, the load, the
+    checks; the figures."""
+    verify = bool(args.verify or n_replicas > 1 or kill_at is not None)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="privface-load-")))
+        replicas = None
+        if args.server:
+            servers = [s.strip() for s in args.server.split(",") if s.strip()]
+            token = (args.vendor_token_file.read_text().strip() if args.vendor_token_file
+                     else os.environ.get("PRIVFACE_VENDOR_TOKEN", ""))
+            tls_ca, server_pid = args.tls_ca, None
+        else:
+            limits = generous_limits(args.users, args.families)
+            replicas = ReplicaSet(work, n_replicas, insecure=args.insecure, store=store,
+                                  blobs=blobs, flags=limit_flags(limits),
+                                  vendor_token=secrets.token_urlsafe(32))
+            stack.callback(replicas.stop)
+            replicas.start()
+            servers, token, tls_ca = replicas.addresses, replicas.vendor_token, replicas.tls_ca
+            server_pid = replicas.servers[0].pid
+            log(f"[server] {n_replicas} privface-server replica(s) on {', '.join(servers)} "
+                f"({'plaintext' if args.insecure else 'TLS'}; store "
+                f"{replica_kill.redact(replicas.store) or 'default (SQLite in the data dir)'}"
+                f", blobs {replicas.blobs or 'default'}"
+                + "".join(f", {k}={v}" for k, v in limits.items()) + ")")
+        rss_idle = replicas.rss_mb() if replicas else None
+        config = ClientConfig.load(tls_ca=tls_ca, insecure=args.insecure or None)
+        balanced = ",".join(servers)
+        prebuilt = prebuild(balanced, config, args.families, args.members, args.photos,
+                            args.seed, token, args.detections, work, args.enroll_photos,
+                            args.query_faces)
+        if verify:
+            record_baseline(balanced, config, prebuilt.families)
+        log(f"[prebuild] {len(prebuilt.families)} families in {prebuilt.seconds:.0f} s; "
+            f"load: {args.users} phones for {args.seconds:.0f} s on {', '.join(servers)}"
+            + (f", replica {args.kill_replica % n_replicas} SIGKILLed at {kill_at:.0f} s"
+               if kill_at is not None else ""))
+        if kill_at is not None and replicas is None:
+            raise SystemExit("--kill-replica-at needs servers started here (not --server)")
+        result = run_load(prebuilt, servers, config, args.users, args.seconds, args.seed,
+                          args.mix, args.wait, args.max_requests, server_pid, args.profile,
+                          args.each_first, replicas, kill_at, args.kill_replica,
+                          args.restart_after, args.spread)
+        figures = summarise(result, args.mix)
+        if verify:
+            log("[verify] each replica alone: lists, photos, counts, gallery, searches, "
+                "matches")
+            figures.update(replica_kill.verify_replicas(servers, prebuilt.families, config))
+        if replicas is not None:
+            photos_held = figures.get("photos_on_server") or sum(
+                len(f.stored) for f in prebuilt.families)
+            figures["costs"] = storage_costs(replicas, photos_held, args.families)
+            figures["costs"].update(rss_mb_idle=rss_idle, rss_mb_after=replicas.rss_mb())
+            if args.cost_per_rpc:
+                figures["costs"]["per_rpc"] = per_rpc_costs(
+                    prebuilt, servers, config, replicas, args.users, args.cost_per_rpc,
+                    args.seed)
+    store_name = (replica_kill.redact(replicas.store) if replicas and replicas.store
+                  else "sqlite (default, data dir)" if replicas else "running servers")
+    figures.update(label=label, replicas=n_replicas if replicas else len(servers),
+                   store=store_name, store_kind=replica_kill.store_kind(store),
+                   blobs=replicas.blobs if replicas else None,
+                   families=args.families, members=args.members, photos=args.photos,
+                   servers=servers, tls=not args.insecure, wait_s=args.wait,
+                   requested_seconds=args.seconds, seed=args.seed,
+                   prebuild_s=round(prebuilt.seconds, 1), notes=prebuilt.notes,
+                   cores=os.cpu_count(), locust=locust.__version__,
+                   detection_windows=[d.windows for d in prebuilt.detections],
+                   detection_mb=[round(d.bytes_uploaded / 1e6, 1)
+                                 for d in prebuilt.detections])
+    if args.profile is not None and args.profile.suffix not in (".svg", ".json") and \
+            args.profile.exists():
+        figures["server_profile"] = profile = profile_summary(args.profile)
+        print(f"server busy-thread samples by RPC ({args.profile}): " + ", ".join(
+            f"{k} {v:.0%}" for k, v in profile["share"].items()))
+    return figures
+
+
+def _pg_base_url(args: argparse.Namespace) -> tuple[str, bool]:
+    """The PostgreSQL to use: --pg-url, else ``scripts/pg url`` (started with ``scripts/pg
+    start`` when not running); whether it was started here."""
+    if args.pg_url:
+        return args.pg_url, False
+    script = ROOT / "scripts" / "pg"
+    if not script.exists():
+        raise SystemExit("--matrix needs PostgreSQL: give --pg-url URL (scripts/pg is absent)")
+    url = subprocess.run([str(script), "url"], cwd=ROOT, capture_output=True, text=True)
+    if url.returncode == 0 and url.stdout.strip():
+        return url.stdout.strip().splitlines()[-1], False
+    subprocess.run([str(script), "start"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    url = subprocess.run([str(script), "url"], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    return url.stdout.strip().splitlines()[-1], True
+
+
+MATRIX_KEYS = ["label", "replicas", "rps_total", "rps_search", "p99_ms_search", "rps_backup",
+               "p99_ms_backup", "rps_match", "p99_ms_match", "errors_total",
+               "server_cpu_cores", "lost_uploads", "consistent_across_replicas"]
+
+
+def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
+    """SQLite (1 process), PostgreSQL (1 replica), PostgreSQL (2 replicas), the same load
+    and duration, each on a fresh store; with --kill-replica-at, a fourth run on
+    PostgreSQL (2 replicas) with one replica killed and restarted."""
+    base, started = _pg_base_url(args)
+    rows: list[tuple[str, int, bool, float | None]] = [
+        ("SQLite, 1 process", 1, False, None), ("PostgreSQL, 1 replica", 1, True, None),
+        ("PostgreSQL, 2 replicas", 2, True, None)]
+    if args.kill_replica_at is not None:
+        rows.append((f"PostgreSQL, 2 replicas, one SIGKILLed at {args.kill_replica_at:.0f} s",
+                     2, True, args.kill_replica_at))
+    results = []
+    try:
+        for i, (label, n, pg, kill_at) in enumerate(rows):
+            log(f"[matrix] {i + 1}/{len(rows)}: {label}")
+            name = f"privface_load_{i}"
+            store = replica_kill.fresh_database(base, name) if pg else ""
+            try:
+                results.append(run_once(args, n, store, args.blobs if pg else "", kill_at,
+                                        label))
+            finally:
+                if pg and not args.keep_databases:
+                    replica_kill.drop_database(base, name)
+            print_report(results[-1])
+    finally:
+        if started:
+            subprocess.run([str(ROOT / "scripts" / "pg"), "stop"], cwd=ROOT, check=False)
+    print_table(MATRIX_KEYS, [[("-" if r.get(k) is None else r.get(k)) for k in MATRIX_KEYS]
+                              for r in results])
+    return {"rows": results, "table": [{k: r.get(k) for k in MATRIX_KEYS} for r in results],
+            "users": args.users, "seconds": args.seconds, "families": args.families,
+            "cores": os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -951,63 +1218,71 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights, e.g. detect=0,search=40 (default "
                              + ",".join(f"{k}={v}" for k, v in MIX.items()) + ")")
     parser.add_argument("--server", default="",
-                        help="comma-separated host:port of running servers (phones spread "
-                             "over them; families are built on the first); default: start "
-                             "one here")
+                        help="comma-separated host:port of running servers (every phone "
+                             "balances over all of them; --spread: phone i on server i mod "
+                             "S); default: start --replicas here")
+    parser.add_argument("--spread", action="store_true",
+                        help="each phone talks to one server (i mod S) instead of "
+                             "balancing over the list")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="privface-server processes started here, on different ports, "
+                             "sharing --store and --blobs (default 1)")
+    parser.add_argument("--store", default="",
+                        help="sqlite:PATH or postgresql://... for the servers started here "
+                             "(default: SQLite in the data dir; several replicas share "
+                             "one SQLite file)")
+    parser.add_argument("--blobs", default="",
+                        help="file:DIR or s3://BUCKET/PREFIX (S3 endpoint and keys from "
+                             "PRIVFACE_S3_* / AWS_*; default: files beside the store)")
+    parser.add_argument("--kill-replica-at", type=float, metavar="SECONDS",
+                        help="SIGKILL one replica this many seconds into the load, restart "
+                             "it --restart-after later; then check every acknowledged "
+                             "backup and every family on each replica")
+    parser.add_argument("--kill-replica", type=int, default=-1,
+                        help="which replica to kill (index, default -1: the last)")
+    parser.add_argument("--restart-after", type=float, default=2.0,
+                        help="seconds between the SIGKILL and the restart (default 2)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check each server alone after the run (on by default with "
+                             "several replicas or a kill)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="three runs of the same load: SQLite (1 process), PostgreSQL "
+                             "(1 replica), PostgreSQL (2 replicas), each on a fresh store "
+                             "(and with --kill-replica-at a fourth: 2 replicas, one killed)")
+    parser.add_argument("--pg-url", default="",
+                        help="with --matrix: a PostgreSQL URL whose server may create "
+                             "databases (default: scripts/pg url, after scripts/pg start)")
+    parser.add_argument("--keep-databases", action="store_true",
+                        help="with --matrix: keep each run's database")
+    parser.add_argument("--cost-per-rpc", type=float, default=0, metavar="SECONDS",
+                        help="after the load, each RPC kind alone for this long: server CPU "
+                             "per call (with --matrix: in the PostgreSQL 1-replica run)")
     parser.add_argument("--tls-ca", type=Path, help="CA (PEM) the servers' certificates "
                         "chain to (with --server)")
     parser.add_argument("--insecure", action="store_true",
-                        help="plaintext gRPC (the server started here too)")
+                        help="plaintext gRPC (the servers started here too)")
     parser.add_argument("--vendor-token-file", type=Path,
                         help="with --server: the server's vendor token (else "
                              "PRIVFACE_VENDOR_TOKEN); without one, no secure detection")
     parser.add_argument("--each-first", action="store_true",
                         help="each phone first makes one call of every kind (smoke tests)")
     parser.add_argument("--profile", type=Path,
-                        help="py-spy profile of the server started here (.svg, .json, or "
-                             "collapsed stacks)")
+                        help="py-spy profile of the (first) server started here (.svg, "
+                             ".json, or collapsed stacks)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", help="write figures to this JSON file")
     args = parser.parse_args(argv)
+    if args.server and (args.matrix or args.kill_replica_at is not None
+                        or args.replicas != 1 or args.store or args.blobs):
+        parser.error("--server targets running servers: --replicas, --store, --blobs, "
+                     "--kill-replica-at and --matrix start their own")
+    if args.kill_replica_at is not None and args.replicas < 2 and not args.matrix:
+        parser.error("--kill-replica-at needs --replicas 2 or more (someone must serve)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="privface-load-")))
-        if args.server:
-            servers = [s.strip() for s in args.server.split(",") if s.strip()]
-            token = (args.vendor_token_file.read_text().strip() if args.vendor_token_file
-                     else os.environ.get("PRIVFACE_VENDOR_TOKEN", ""))
-            tls_ca, server_pid = args.tls_ca, None
-        else:
-            limits = generous_limits(args.users, args.families)
-            local = stack.enter_context(local_server(work, args.insecure, limits))
-            servers, token, tls_ca = [local.address], local.vendor_token, local.tls_ca
-            server_pid = local.process.pid
-            log(f"[server] privface-server pid {server_pid} on {local.address} "
-                f"({'plaintext' if args.insecure else 'TLS'}"
-                + "".join(f", {k}={v}" for k, v in limits.items()) + ")")
-        config = ClientConfig.load(tls_ca=tls_ca, insecure=args.insecure or None)
-        prebuilt = prebuild(servers[0], config, args.families, args.members, args.photos,
-                            args.seed, token, args.detections, work, args.enroll_photos,
-                            args.query_faces)
-        log(f"[prebuild] {len(prebuilt.families)} families in {prebuilt.seconds:.0f} s; "
-            f"load: {args.users} phones for {args.seconds:.0f} s on {', '.join(servers)}")
-        result = run_load(prebuilt, servers, config, args.users, args.seconds, args.seed,
-                          args.mix, args.wait, args.max_requests, server_pid, args.profile,
-                          args.each_first)
-    figures = summarise(result, args.mix)
-    figures.update(families=args.families, members=args.members, photos=args.photos,
-                   servers=servers, tls=not args.insecure, wait_s=args.wait,
-                   requested_seconds=args.seconds, seed=args.seed,
-                   prebuild_s=round(prebuilt.seconds, 1), notes=prebuilt.notes,
-                   cores=os.cpu_count(), locust=locust.__version__,
-                   detection_windows=[d.windows for d in prebuilt.detections],
-                   detection_mb=[round(d.bytes_uploaded / 1e6, 1)
-                                 for d in prebuilt.detections])
-    if args.profile is not None and args.profile.suffix not in (".svg", ".json") and \
-            args.profile.exists():
-        figures["server_profile"] = profile = profile_summary(args.profile)
-        print(f"server busy-thread samples by RPC ({args.profile}): " + ", ".join(
-            f"{k} {v:.0%}" for k, v in profile["share"].items()))
+    if args.matrix:
+        write_json(args.json, run_matrix(args))
+        return 0
+    figures = run_once(args, args.replicas, args.store, args.blobs, args.kill_replica_at)
     print_report(figures)
     write_json(args.json, figures)
     return 0

@@ -1,8 +1,10 @@
 """A privface-server process on loopback that can be killed and restarted on the same port
-and data directory (the crash test) or watched for a crash (the fuzz tests).
+and data directory (the crash test, the replica-kill load test) or watched for a crash (the
+fuzz tests).
 
 The process is ``python -m server`` (the installed ``privface-server``), TLS on a given
-certificate, its log appended to one file across restarts.
+certificate (or plaintext when none is given), its log appended to one file across
+restarts. Several of them may share one store (``store``/``blobs``: replicas).
 """
 
 from __future__ import annotations
@@ -35,22 +37,32 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m server`` on 127.0.0.1:``port`` over TLS with ``data_dir``.
 
+    ``tls_cert``/``tls_key``/``tls_ca`` None: plaintext (``--insecure``). ``store`` and
+    ``blobs``: ``--store``/``--blobs`` (a shared database and blob store: replicas);
     ``flags``: extra command-line flags; ``command``: the Python arguments that run the
     server instead of ``-m server`` (the crash test's faulty server for its negative
     control); ``env``: extra environment (PRIVFACE_* of the caller's shell are dropped)."""
 
-    def __init__(self, data_dir: Path, tls_cert: Path, tls_key: Path, tls_ca: Path,
-                 log_path: Path, port: int = 0, flags: Sequence[str] = (),
-                 env: dict[str, str] | None = None,
-                 command: Sequence[str] = ("-m", "server")) -> None:
+    def __init__(self, data_dir: Path, tls_cert: Path | None, tls_key: Path | None,
+                 tls_ca: Path | None, log_path: Path, port: int = 0,
+                 flags: Sequence[str] = (), env: dict[str, str] | None = None,
+                 command: Sequence[str] = ("-m", "server"), store: str = "",
+                 blobs: str = "") -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self.client_config = ClientConfig(tls_ca=Path(tls_ca))
+        if tls_cert is None or tls_key is None or tls_ca is None:
+            self.client_config = ClientConfig(insecure=True)
+            transport = ["--insecure"]
+        else:
+            self.client_config = ClientConfig(tls_ca=Path(tls_ca))
+            transport = ["--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        storage = [*(["--store", store] if store else []),
+                   *(["--blobs", blobs] if blobs else [])]
         self._args = [sys.executable, *command, "--host", "127.0.0.1",
                       "--port", str(self.port), "--data-dir", str(self.data_dir),
-                      "--tls-cert", str(tls_cert), "--tls-key", str(tls_key), *flags]
+                      *transport, *storage, *flags]
         base = {k: v for k, v in os.environ.items() if not k.startswith("PRIVFACE_")}
         self._env = {**base, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
@@ -99,6 +111,11 @@ class ServerProcess:
     def alive(self) -> bool:
         """Whether the process is running."""
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's id (None before the first start)."""
+        return self.process.pid if self.process is not None else None
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is flushed or closed by the server."""
