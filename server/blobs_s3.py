@@ -43,6 +43,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
+    FlexibleChecksumError,
     IncompleteReadError,
     ReadTimeoutError,
     ResponseStreamingError,
@@ -198,6 +199,8 @@ class S3Blobs:
         StorageUnavailableError: the call gets UNAVAILABLE and the phone retries."""
         try:
             yield
+        except FlexibleChecksumError:
+            raise  # a stored object that fails its checksum: retrying will not mend it
         except (BotoCoreError, ClientError) as exc:
             raise StorageUnavailableError(
                 f"the blob store {self.url} could not {action} {key} ({type(exc).__name__}): "
