@@ -1025,7 +1025,8 @@ def storage_costs(replicas: ReplicaSet, photos: int, families: int) -> dict[str,
         files, size = replica_kill.tree_bytes(blob_dir)
         if not replicas.blobs:  # the default data dir holds the database too
             size -= out["db_bytes"]
-        out.update(blob_files=files, blob_bytes=size)
+        out.update(blob_files=files, blob_bytes=size,
+                   blob_kinds=replica_kill.blob_kinds(blob_dir))
     if photos:
         out["db_bytes_per_photo"] = round(out["db_bytes"] / photos)
         if out.get("db_photo_rows_bytes"):
@@ -1057,9 +1058,10 @@ def per_rpc_costs(prebuilt: Prebuilt, servers: Sequence[str], config: ClientConf
 
 
 def run_once(args: argparse.Namespace, n_replicas: int, store: str, blobs: str,
-             kill_at: float | None, label: str = "") -> dict[str, Any]:
+             kill_at: float | None, label: str = "", cost_per_rpc: float = 0.0
+             ) -> dict[str, Any]:
     """One load run: servers started here (or --server), families built, the load, the
-    checks; the figures."""
+    checks (and ``cost_per_rpc`` s of each RPC alone); the figures."""
     verify = bool(args.verify or n_replicas > 1 or kill_at is not None)
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="privface-load-")))
@@ -1111,10 +1113,9 @@ def run_once(args: argparse.Namespace, n_replicas: int, store: str, blobs: str,
                 len(f.stored) for f in prebuilt.families)
             figures["costs"] = storage_costs(replicas, photos_held, args.families)
             figures["costs"].update(rss_mb_idle=rss_idle, rss_mb_after=replicas.rss_mb())
-            if args.cost_per_rpc:
+            if cost_per_rpc:
                 figures["costs"]["per_rpc"] = per_rpc_costs(
-                    prebuilt, servers, config, replicas, args.users, args.cost_per_rpc,
-                    args.seed)
+                    prebuilt, servers, config, replicas, args.users, cost_per_rpc, args.seed)
     store_name = (replica_kill.redact(replicas.store) if replicas and replicas.store
                   else "sqlite (default, data dir)" if replicas else "running servers")
     figures.update(label=label, replicas=n_replicas if replicas else len(servers),
@@ -1163,6 +1164,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     and duration, each on a fresh store; with --kill-replica-at, a fourth run on
     PostgreSQL (2 replicas) with one replica killed and restarted."""
     base, started = _pg_base_url(args)
+    args.verify = True  # every row: acknowledged backups and the data checked afterwards
     rows: list[tuple[str, int, bool, float | None]] = [
         ("SQLite, 1 process", 1, False, None), ("PostgreSQL, 1 replica", 1, True, None),
         ("PostgreSQL, 2 replicas", 2, True, None)]
@@ -1177,7 +1179,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
             store = replica_kill.fresh_database(base, name) if pg else ""
             try:
                 results.append(run_once(args, n, store, args.blobs if pg else "", kill_at,
-                                        label))
+                                        label, args.cost_per_rpc if i == 1 else 0.0))
             finally:
                 if pg and not args.keep_databases:
                     replica_kill.drop_database(base, name)
@@ -1282,7 +1284,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.matrix:
         write_json(args.json, run_matrix(args))
         return 0
-    figures = run_once(args, args.replicas, args.store, args.blobs, args.kill_replica_at)
+    figures = run_once(args, args.replicas, args.store, args.blobs, args.kill_replica_at,
+                       cost_per_rpc=args.cost_per_rpc)
     print_report(figures)
     write_json(args.json, figures)
     return 0

@@ -150,6 +150,22 @@ def tree_bytes(path: Path) -> tuple[int, int]:
     return files, total
 
 
+def blob_kinds(path: Path) -> dict[str, dict[str, int]]:
+    """A directory blob store's files by kind (server/storage.py's names): photos
+    (``*.blob``), CKKS public contexts (``context-*.bin``), detectors (``*.detector``)."""
+    out: dict[str, dict[str, int]] = {}
+    for p in path.rglob("*"):
+        if not p.is_file():
+            continue
+        kind = ("photo" if p.name.endswith(".blob") else
+                "context" if p.name.startswith("context-") else
+                "detector" if p.name.endswith(".detector") else "other")
+        entry = out.setdefault(kind, {"files": 0, "bytes": 0})
+        entry["files"] += 1
+        entry["bytes"] += p.stat().st_size
+    return out
+
+
 # -- the replicas --------------------------------------------------------------------------
 
 
