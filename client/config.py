@@ -17,13 +17,22 @@ DEFAULT_BUNDLE = Path.home() / ".privface" / "family.bundle"
 class ClientConfig:
     """Where the server is and how the phone talks to it."""
 
-    server: str = ""  # empty: the address stored in the family bundle, else DEFAULT_SERVER
+    # HOST:PORT; or several replicas' IP:PORT separated by commas, or one DNS name that
+    # resolves to them (one channel balances calls round-robin over all of them). Empty: the
+    # address stored in the family bundle, else DEFAULT_SERVER.
+    server: str = ""
     bundle: Path = DEFAULT_BUNDLE
     timeout: float = 60.0  # seconds for short calls
     upload_timeout: float = 600.0  # seconds for a photo, a gallery or a key upload
     detect_timeout: float = 1800.0  # seconds for one photo's secure detection
     max_message_bytes: int = 64 * MIB  # above the server's 32 MiB so its limit decides
     chunk_bytes: int = 1 * MIB
+    # Idempotent calls (client/rpc.py RETRY_POLICY) are retried on UNAVAILABLE: at most
+    # retry_attempts tries in all, waiting retry_initial_backoff seconds, doubling (+-20%
+    # jitter) up to retry_max_backoff, always within the call's timeout.
+    retry_attempts: int = 5
+    retry_initial_backoff: float = 0.1
+    retry_max_backoff: float = 2.0
     detection_mode: str = "default"  # "default" or "faithful" (see pipeline/detect.py)
     # Transport security: the server's certificate must chain to tls_ca (PEM); for mutual TLS
     # this phone also presents tls_client_cert/tls_client_key (names distinct from the

@@ -6,15 +6,20 @@ Nothing here sees a key: callers pass ciphertexts in and get ciphertexts out.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import json
 import logging
 import queue
+import random
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from client.config import ClientConfig
 from common import errors
@@ -49,6 +54,10 @@ class ServerUnavailableError(errors.PrivfaceError):
 
 class TransportSecurityError(errors.PrivfaceError):
     """No usable TLS settings, or the TLS handshake with the server failed."""
+
+
+class ServerAddressError(errors.PrivfaceError):
+    """The server setting is not one address, a list of IP addresses or one DNS name."""
 
 
 _ERROR_OF = {
@@ -111,13 +120,190 @@ def translate(exc: grpc.RpcError, address: str, tls: bool | None = None
                       "--tls-ca (PRIVFACE_TLS_CA)"))
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and \
             ("connect" in details.lower() or code is grpc.StatusCode.UNAVAILABLE):
+        servers = server_addresses(address)
+        where = (f"any privface server of {', '.join(servers)}" if len(servers) > 1 else
+                 f"the privface server at {address}")
         return ServerUnavailableError(
-            f"cannot reach the privface server at {address} ({details}): is privface-server "
-            "running there? (set --server or PRIVFACE_SERVER)")
+            f"cannot reach {where} ({details}): is privface-server running there? (set "
+            "--server or PRIVFACE_SERVER)")
     cls = _ERROR_OF.get(code)
     if cls is not None:
         return cls(details)
     return RemoteError(code, details)
+
+
+# -- retries: which calls may be sent again ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """Whether a call may be sent again after UNAVAILABLE (the replica went away or could not
+    be reached; the call may or may not have been applied), and which status a *retry* may
+    get because an earlier attempt did the work before its answer was lost."""
+
+    retry: bool
+    done_on_retry: grpc.StatusCode | None = None
+
+
+_NO = Idempotency(False)
+_YES = Idempotency(True)
+
+# Every RPC, by method name (unique across the four services). Only UNAVAILABLE is retried;
+# DEADLINE_EXCEEDED never is (the call's time is up, and the work may still be running).
+# gRPC's own transparent retry still resends any call that provably never left the client.
+RETRY_POLICY: dict[str, Idempotency] = {
+    # FamilyService
+    "RegisterFamily": _NO,  # a retry after a lost answer creates a second family
+    "UploadPublicContext": _YES,  # the same key id again is an idempotent re-upload (the
+    # store says so); a different key under a gallery is refused either way
+    "GetFamily": _YES,  # read
+    "GetSealedItem": _YES,  # read
+    # Compare-and-set: a retry after a lost answer gets ABORTED (the version moved on, by
+    # this very write). Handled consciously: put_sealed_item reads the item back and counts
+    # the write as done only if it holds exactly these bytes at expected_version + 1 (sealed
+    # bytes carry a random nonce, so equal bytes are this write); else the conflict stands
+    # and the caller's re-read-and-merge loop runs, as for any other phone's write.
+    "PutSealedItem": Idempotency(True, grpc.StatusCode.ABORTED),
+    "CreateDeviceInvite": _NO,  # each call mints another one-time invitation
+    "JoinFamily": _NO,  # consumes a one-time invitation: a retry would be refused
+    "ListDevices": _YES,  # read
+    "RevokeDevice": _YES,  # the server answers OK for an already revoked device (checked
+    # before the last-device rule), so a repeat changes nothing
+    "DeleteFamily": _NO,  # a retry after a lost answer is refused (the credentials are
+    # gone with the family), which would misreport a completed deletion as a failure
+    # PhotoService
+    "BackupPhoto": _YES,  # idempotent by the client-chosen photo id: a repeat with the
+    # same bytes is answered already_stored=True, nothing is stored twice
+    "SearchPhotos": _YES,  # read
+    "FetchPhoto": _YES,  # read
+    "DeletePhoto": Idempotency(True, grpc.StatusCode.NOT_FOUND),  # deleting twice: the
+    # server answers NOT_FOUND for an unknown id, so NOT_FOUND on a *retry* means done
+    "ListPhotos": _YES,  # read
+    # FaceService
+    "AddGalleryEntries": _NO,  # positional compare-and-set (first_position): a retry after
+    # a lost answer is refused as "another phone enrolled", which would mislead
+    "RemoveGallerySlot": _YES,  # marks a slot's entries dead: a repeat changes nothing
+    # (its count of newly removed entries is then 0; the count is informational)
+    "GetGalleryLayout": _YES,  # read
+    "GetGalleryBlock": _YES,  # read
+    "ReplaceGallery": _NO,  # compare-and-set on the position count only: after a lost
+    # answer another phone may enrol back to that count, and a retry would then silently
+    # drop its entries (ABA); compacting again from a fresh layout is the safe retry
+    "MatchFaces": _YES,  # read (encrypted distances; nothing stored)
+    # DetectorService
+    "PublishDetector": _YES,  # replaces the same (detector id, key version): a repeat
+    # stores the same detector again
+    "ListDetectors": _YES,  # read
+    "DetectFaces": _NO,  # bidirectional: the batches already sent cannot be replayed here;
+    # a failed detection is reported, and detecting the photo again is the retry
+}
+
+# gRPC's retry policy (service config) for the unary and server-streaming calls that are
+# plainly idempotent: a quick in-core resend, landing on another replica under round_robin.
+# Client-streaming uploads are not in it (gRPC cannot replay a request stream beyond its
+# buffer) and neither are the calls whose retry must be visible (done_on_retry): the retry
+# loop in PrivfaceClient covers those, and backs the rest up over a longer, logged budget.
+_MIN_ATTEMPT_SECONDS = 0.1  # a retry needs at least this much of the call's time left
+_GRPC_RETRY = {"maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "2s",
+               "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+_SERVICES = [service for module in (family_pb2, photos_pb2, faces_pb2, detection_pb2)
+             for service in module.DESCRIPTOR.services_by_name.values()]
+
+
+def service_config(balanced: bool) -> str:
+    """The channel's service config (JSON): round_robin when ``balanced``, and gRPC's retry
+    policy for the idempotent unary and server-streaming methods."""
+    names = [{"service": service.full_name, "method": method.name}
+             for service in _SERVICES for method in service.methods
+             if RETRY_POLICY[method.name].retry and RETRY_POLICY[method.name].done_on_retry
+             is None and not method.client_streaming]
+    config: dict[str, Any] = {
+        "methodConfig": [{"name": names, "retryPolicy": _GRPC_RETRY}],
+        # gRPC stops its own retries on a channel whose calls keep failing; the loop's stay.
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}}
+    if balanced:
+        config["loadBalancingConfig"] = [{"round_robin": {}}]
+    return json.dumps(config)
+
+
+# -- replicas: one channel over every address, balanced round-robin ---------------------
+
+# Backoff of the Python retry loop is in ClientConfig (retry_attempts, retry_initial_backoff,
+# retry_max_backoff). The channel reconnects to a replica that went away on a short backoff
+# too (gRPC's default starts at 1 s and grows to 120 s), so a restarted replica is seen again
+# within the retry budget.
+_RECONNECT_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.enable_retries", 1),
+    # The client's policies come from here, never from a DNS TXT record.
+    ("grpc.service_config_disable_resolution", 1),
+]
+
+
+@dataclass(frozen=True)
+class ChannelTarget:
+    """How one channel reaches the configured server(s)."""
+
+    target: str  # the gRPC target
+    balanced: bool  # round_robin over several addresses (a list, or what a name resolves to)
+    tls_name: str  # the name the certificate must list when the target does not say it ("")
+    authority: str  # the :authority to send when the target does not say it ("")
+
+
+def server_addresses(server: str) -> list[str]:
+    """The addresses of a --server setting (comma-separated, blanks dropped)."""
+    return [part.strip() for part in server.split(",") if part.strip()]
+
+
+def _host_of(address: str) -> str:
+    """The host of HOST:PORT, [V6]:PORT, HOST or V6 (brackets removed)."""
+    if address.startswith("["):
+        return address[1:address.find("]")] if "]" in address else address[1:]
+    if address.count(":") == 1:
+        return address.rsplit(":", 1)[0]
+    return address  # no port, or a bare IPv6 literal
+
+
+def _ip_version(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
+def channel_target(server: str) -> ChannelTarget:
+    """The gRPC target for a server setting.
+
+    One IP address (HOST:PORT): the target as given, as a single server always was. One
+    host name: ``dns:///NAME:PORT``, balanced over every address it resolves to (replicas
+    behind one DNS name). Several addresses, all IPv4 or all IPv6 literals:
+    ``ipv4:A,B`` / ``ipv6:[A],[B]``, balanced; the certificate is checked against the first
+    address's host unless tls_server_name says otherwise. An explicit ``dns:`` target is
+    used as given, balanced, and so is an explicit ``ipv4:``/``ipv6:`` list."""
+    text = server.strip()
+    scheme, _, rest = text.partition(":")
+    if scheme in ("dns", "unix", "unix-abstract", "vsock"):
+        return ChannelTarget(text, scheme == "dns", "", "")
+    parts = server_addresses(rest if scheme in ("ipv4", "ipv6") else text)
+    if not parts:
+        raise ServerAddressError("no server address: set --server or PRIVFACE_SERVER")
+    if len(parts) == 1 and scheme not in ("ipv4", "ipv6"):
+        if _ip_version(_host_of(parts[0])) is None:
+            return ChannelTarget(f"dns:///{parts[0]}", True, "", "")
+        return ChannelTarget(parts[0], False, "", "")
+    versions = {_ip_version(_host_of(part)) for part in parts}
+    if None in versions:
+        names = [p for p in parts if _ip_version(_host_of(p)) is None]
+        raise ServerAddressError(
+            f"several servers must be given as IP addresses ({', '.join(names)} is not one): "
+            "list the replicas' IP:PORT, or give one DNS name that resolves to all of them")
+    if len(versions) > 1:
+        raise ServerAddressError(
+            f"the server list {server} mixes IPv4 and IPv6 addresses: list one kind, or give "
+            "one DNS name that resolves to all replicas")
+    scheme = "ipv4" if versions == {4} else "ipv6"
+    return ChannelTarget(f"{scheme}:{','.join(parts)}", True, _host_of(parts[0]), parts[0])
 
 
 _insecure_warned = False
@@ -134,11 +320,20 @@ def _read_pem(path: Path, what: str) -> bytes:
 def open_channel(address: str, config: ClientConfig) -> grpc.Channel:
     """A TLS channel trusting config.tls_ca (presenting a client certificate for mutual TLS
     when one is configured), or a plaintext one only with config.insecure (warned once per
-    process). Refuses anything else with a TransportSecurityError saying how to fix it."""
+    process). Refuses anything else with a TransportSecurityError saying how to fix it.
+
+    ``address`` may list several servers (replicas) or be a DNS name: one channel balances
+    calls over all of them (round_robin; see channel_target), and gRPC retries idempotent
+    reads on UNAVAILABLE (service_config)."""
     global _insecure_warned
+    where = channel_target(address)
     options: list[tuple[str, int | str]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.max_send_message_length", config.max_message_bytes)]
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        *_RECONNECT_OPTIONS,
+        ("grpc.service_config", service_config(where.balanced))]
+    if where.authority:
+        options.append(("grpc.default_authority", where.authority))
     tls_given = [flag for flag, value in (("--tls-ca", config.tls_ca),
                                            ("--tls-client-cert", config.tls_client_cert),
                                            ("--tls-client-key", config.tls_client_key))
@@ -152,7 +347,7 @@ def open_channel(address: str, config: ClientConfig) -> grpc.Channel:
             _insecure_warned = True
             log.warning("connecting WITHOUT TLS (--insecure): the access token and all "
                         "traffic cross the network in the clear; for local testing only")
-        return grpc.insecure_channel(address, options=options)
+        return grpc.insecure_channel(where.target, options=options)
     if config.tls_ca is None:
         raise TransportSecurityError(
             f"no TLS settings to connect to {address}: give the CA that signed the server's "
@@ -170,9 +365,13 @@ def open_channel(address: str, config: ClientConfig) -> grpc.Channel:
         certificate_chain=(_read_pem(config.tls_client_cert,
                                      "client certificate (--tls-client-cert)")
                            if config.tls_client_cert else None))
-    if config.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
-    return grpc.secure_channel(address, credentials, options=options)
+    # The certificate must name tls_server_name if set; else, for a list of replicas, the
+    # first address's host (every replica's certificate lists it, like a shared DNS name);
+    # else the host of the one address, which gRPC checks by itself.
+    if config.tls_server_name or where.tls_name:
+        options.append(("grpc.ssl_target_name_override",
+                        config.tls_server_name or where.tls_name))
+    return grpc.secure_channel(where.target, credentials, options=options)
 
 
 @dataclass(frozen=True)
@@ -225,23 +424,104 @@ class PrivfaceClient:
         return self.credentials.metadata()
 
     def call(self, fn: Callable[..., T], request: Any, *, timeout: float | None = None,
-             auth: bool = True, metadata: tuple[tuple[str, str], ...] | None = None) -> T:
+             auth: bool = True, metadata: tuple[tuple[str, str], ...] | None = None,
+             done: Callable[[], T | None] | None = None) -> T:
         """A unary or client-streaming call with deadline, credentials (the family's, or
-        ``metadata`` when given), translated errors."""
+        ``metadata`` when given), translated errors; retried on UNAVAILABLE if RETRY_POLICY
+        allows. ``request``: a message, or for a client-streaming call a function returning
+        a fresh request iterator (called once per attempt; a bare iterator is sent once).
+        ``done``: what a retry's done_on_retry status means (None: the error stands)."""
         if metadata is None and auth:
             metadata = self.metadata()
-        try:
-            return fn(request, timeout=timeout or self.timeout, metadata=metadata)
-        except grpc.RpcError as exc:
-            raise translate(exc, self.address, self.tls) from None
+        replayable = callable(request) or isinstance(request, Message)
+
+        def attempt(seconds: float) -> T:
+            return fn(request() if callable(request) else request, timeout=seconds,
+                      metadata=metadata)
+        return self._with_retries(self.method_name(fn) if replayable else "", attempt,
+                                  timeout or self.timeout, done)
 
     def stream(self, fn: Callable[..., Iterator[T]], request: Any, *,
                timeout: float | None = None) -> Iterator[T]:
-        """A server-streaming call; errors are translated while iterating."""
+        """A server-streaming call; errors are translated while iterating. Retried (if
+        RETRY_POLICY allows) only until its first message arrives: what the caller already
+        has cannot be taken back (collect() retries a whole stream)."""
+        metadata = self.metadata()
+
+        def first(seconds: float) -> tuple[Iterator[T], list[T]]:
+            responses = fn(request, timeout=seconds, metadata=metadata)
+            return responses, [message for message in (next(responses, None),)
+                               if message is not None]
+        responses, head = self._with_retries(self.method_name(fn), first,
+                                             timeout or self.timeout)
+        if not head:
+            return
+        yield head[0]
         try:
-            yield from fn(request, timeout=timeout or self.timeout, metadata=self.metadata())
+            yield from responses
         except grpc.RpcError as exc:
             raise translate(exc, self.address, self.tls) from None
+
+    def collect(self, fn: Callable[..., Iterator[T]], request: Any, *,
+                timeout: float | None = None) -> list[T]:
+        """Every message of a server-streaming call; retried as a whole (if RETRY_POLICY
+        allows): a stream broken midway is read again from its start."""
+        metadata = self.metadata()
+        return self._with_retries(
+            self.method_name(fn),
+            lambda seconds: list(fn(request, timeout=seconds, metadata=metadata)),
+            timeout or self.timeout)
+
+    def method_name(self, fn: Callable[..., Any]) -> str:
+        """The RPC that one of this client's stub callables makes ("" for anything else)."""
+        stubs = (self.family, self.photos, self.faces, self.detector)
+        for stub, service in zip(stubs, _SERVICES, strict=True):
+            for method in service.methods:
+                if getattr(stub, method.name, None) is fn:
+                    return str(method.name)
+        return ""
+
+    def _with_retries(self, method: str, attempt: Callable[[float], T], timeout: float,
+                      done: Callable[[], T | None] | None = None) -> T:
+        """``attempt(seconds)`` until it succeeds, fails for good, or the retries allowed
+        for ``method`` (RETRY_POLICY; none for "") are spent: at most retry_attempts tries,
+        exponential backoff with jitter, all within ``timeout`` seconds."""
+        policy = RETRY_POLICY.get(method, _NO)
+        deadline = time.monotonic() + timeout
+        tries = 1
+        while True:
+            try:
+                return attempt(timeout if tries == 1 else deadline - time.monotonic())
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if tries > 1 and done is not None and code is policy.done_on_retry:
+                    log.info("%s: %s on attempt %d: an earlier attempt was applied and its "
+                             "answer lost", method, code.name, tries)
+                    settled = done()
+                    if settled is not None:
+                        return settled
+                delay = self._retry_delay(policy, exc, tries, deadline)
+                if delay is None:
+                    raise translate(exc, self.address, self.tls) from None
+                log.info("%s failed with %s (attempt %d of %d): retrying in %.2f s", method,
+                         code.name, tries, self.config.retry_attempts, delay)
+                time.sleep(delay)
+            tries += 1
+
+    def _retry_delay(self, policy: Idempotency, exc: grpc.RpcError, tries: int,
+                     deadline: float) -> float | None:
+        """Seconds to wait before trying again, or None: not retried."""
+        if not policy.retry or exc.code() is not grpc.StatusCode.UNAVAILABLE:
+            return None
+        if _TLS_FAILURE.search(exc.details() or ""):
+            return None  # a certificate the client does not trust stays untrusted
+        if tries >= self.config.retry_attempts:
+            return None
+        backoff = self.config.retry_initial_backoff * 2.0 ** (tries - 1)
+        delay = min(backoff * random.uniform(0.8, 1.2), self.config.retry_max_backoff)
+        if deadline - time.monotonic() - delay < _MIN_ATTEMPT_SECONDS:
+            return None  # no time left for another useful attempt
+        return delay
 
     # -- family --------------------------------------------------------------------------
 
@@ -304,10 +584,17 @@ class PrivfaceClient:
     def put_sealed_item(self, name: str, expected_version: int, data: bytes) -> int:
         """Writes one family item if still at ``expected_version``; returns the new version
         (VersionConflictError if another phone wrote first)."""
+        def settled() -> family_pb2.PutSealedItemResponse | None:
+            """A retry's conflict: done if the item now holds exactly this write (see
+            RETRY_POLICY), else the conflict stands."""
+            version, stored = self.get_sealed_item(name)
+            if version == expected_version + 1 and stored == data:
+                return family_pb2.PutSealedItemResponse(version=version)
+            return None
         response: family_pb2.PutSealedItemResponse = self.call(
             self.family.PutSealedItem, family_pb2.PutSealedItemRequest(
                 name=name, expected_version=expected_version, data=data),
-            timeout=self._upload_timeout)
+            timeout=self._upload_timeout, done=settled)
         return response.version
 
     def get_family(self) -> FamilySummary:
@@ -328,7 +615,7 @@ class PrivfaceClient:
                     total_size=len(data), chunk=data[start:start + self._chunk],
                     sha256=digest if last else b"")
         response: family_pb2.UploadPublicContextResponse = self.call(
-            self.family.UploadPublicContext, requests(), timeout=self._upload_timeout)
+            self.family.UploadPublicContext, requests, timeout=self._upload_timeout)
         return response.size, response.galois_key_count
 
     # -- photos --------------------------------------------------------------------------
@@ -337,7 +624,7 @@ class PrivfaceClient:
                      label_key_fingerprint: bytes, encrypted_thumbnail: bytes = b""
                      ) -> bool:
         """Uploads one encrypted photo (header, then chunks); True if the server already
-        had it."""
+        had it (also when a retry follows an attempt whose answer was lost)."""
         header = photos_pb2.PhotoHeader(
             photo_id=photo_id, blob_size=len(blob), blob_sha256=hashlib.sha256(blob).digest(),
             encrypted_labels=encrypted_labels, label_key_fingerprint=label_key_fingerprint,
@@ -348,7 +635,7 @@ class PrivfaceClient:
             for start in range(0, len(blob), self._chunk):
                 yield photos_pb2.BackupPhotoRequest(chunk=blob[start:start + self._chunk])
         response: photos_pb2.BackupPhotoResponse = self.call(
-            self.photos.BackupPhoto, requests(), timeout=self._upload_timeout)
+            self.photos.BackupPhoto, requests, timeout=self._upload_timeout)
         return response.already_stored
 
     def search_photos(self, encrypted_query: bytes, label_key_fingerprint: bytes,
@@ -357,7 +644,7 @@ class PrivfaceClient:
         """All matching ids (pages joined) and the server's match time in ms."""
         ids: list[str] = []
         server_ms = 0.0
-        for page in self.stream(self.photos.SearchPhotos, photos_pb2.SearchPhotosRequest(
+        for page in self.collect(self.photos.SearchPhotos, photos_pb2.SearchPhotosRequest(
                 encrypted_query=encrypted_query, label_key_fingerprint=label_key_fingerprint,
                 mode=_MODE_TO_PROTO[mode], top_n=top_n)):
             ids.extend(page.photo_ids)
@@ -367,7 +654,7 @@ class PrivfaceClient:
     def fetch_photo(self, photo_id: str, thumbnail_only: bool = False) -> bytes:
         """Downloads one encrypted blob and checks its SHA-256."""
         parts, expected = [], b""
-        for msg in self.stream(self.photos.FetchPhoto, photos_pb2.FetchPhotoRequest(
+        for msg in self.collect(self.photos.FetchPhoto, photos_pb2.FetchPhotoRequest(
                 photo_id=photo_id, thumbnail_only=thumbnail_only), timeout=self._upload_timeout):
             if msg.blob_sha256:
                 expected = msg.blob_sha256
@@ -378,13 +665,14 @@ class PrivfaceClient:
         return blob
 
     def delete_photo(self, photo_id: str) -> None:
-        """Deletes one photo."""
-        self.call(self.photos.DeletePhoto, photos_pb2.DeletePhotoRequest(photo_id=photo_id))
+        """Deletes one photo (a retry that finds it gone counts as done: RETRY_POLICY)."""
+        self.call(self.photos.DeletePhoto, photos_pb2.DeletePhotoRequest(photo_id=photo_id),
+                  done=lambda: photos_pb2.DeletePhotoResponse(photo_id=photo_id))
 
     def list_photos(self) -> list[str]:
         """All photo ids, newest first."""
         ids: list[str] = []
-        for page in self.stream(self.photos.ListPhotos, photos_pb2.ListPhotosRequest()):
+        for page in self.collect(self.photos.ListPhotos, photos_pb2.ListPhotosRequest()):
             ids.extend(page.photo_ids)
         return ids
 
@@ -417,8 +705,8 @@ class PrivfaceClient:
         request = faces_pb2.MatchFacesRequest(faces=[faces_pb2.Ciphertexts(items=f)
                                                      for f in faces])
         return [BlockDistances(r.face, r.block, r.distances, list(r.position_slots))
-                for r in self.stream(self.faces.MatchFaces, request,
-                                     timeout=self._upload_timeout)]
+                for r in self.collect(self.faces.MatchFaces, request,
+                                      timeout=self._upload_timeout)]
 
     # -- detectors -----------------------------------------------------------------------
 
@@ -430,7 +718,7 @@ class PrivfaceClient:
             for start in range(0, len(matrix), self._chunk):
                 yield detection_pb2.PublishDetectorRequest(chunk=matrix[start:start + self._chunk])
         response: detection_pb2.PublishDetectorResponse = self.call(
-            self.detector.PublishDetector, requests(), timeout=self._upload_timeout,
+            self.detector.PublishDetector, requests, timeout=self._upload_timeout,
             metadata=(("authorization", f"Bearer {vendor_token}"),))
         return response
 
@@ -457,7 +745,7 @@ class PrivfaceClient:
                 yield faces_pb2.ReplaceGalleryRequest(block=faces_pb2.ReplacementBlock(
                     ciphertexts=faces_pb2.Ciphertexts(items=cts), slots=slots))
         response: faces_pb2.ReplaceGalleryResponse = self.call(
-            self.faces.ReplaceGallery, requests(), timeout=self._upload_timeout)
+            self.faces.ReplaceGallery, requests, timeout=self._upload_timeout)
         return response.gallery_entry_count
 
     def open_detection(self, detector_id: str, key_version: int, key_fingerprint: bytes
