@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=os.environ.get("PRIVFACE_BUNDLE"),
                    help=f"family bundle file (env PRIVFACE_BUNDLE; default {DEFAULT_BUNDLE})")
     p.add_argument("--server", default=None,
-                   help="server host:port (env PRIVFACE_SERVER; default: the bundle's)")
+                   help="server host:port, or several replicas as a comma-separated list "
+                        "(balanced, with retries) (env PRIVFACE_SERVER; default: the bundle's)")
     p.add_argument("--tls-ca", metavar="FILE", default=None,
                    help="CA certificate (PEM) the server's certificate must chain to "
                         "(env PRIVFACE_TLS_CA)")

@@ -30,12 +30,12 @@ class AppSettings:
 
     def checked(self) -> AppSettings:
         """The settings with the server trimmed; MalformedInputError if one is invalid."""
-        server = self.server.strip()
-        if server:
-            host, sep, port = server.rpartition(":")
+        server = ",".join(part.strip() for part in self.server.split(",") if part.strip())
+        for address in server.split(",") if server else []:  # replicas: a list
+            host, sep, port = address.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise MalformedInputError(f"server address {server!r}: use HOST:PORT, "
-                                          "e.g. 127.0.0.1:50051")
+                raise MalformedInputError(f"server address {address!r}: use HOST:PORT, "
+                                          "e.g. 127.0.0.1:50051 (several: comma-separated)")
         if self.detection_mode not in MODES:
             raise MalformedInputError(f"unknown detection mode {self.detection_mode!r} "
                                       f"(use one of {', '.join(MODES)})")
