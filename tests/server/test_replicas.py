@@ -5,6 +5,7 @@ server whose database is unreachable reports NOT_SERVING, then SERVING again."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg.conninfo import conninfo_to_dict
 
+from bench.server_process import ServerProcess
 from client.keystore import FamilyBundle
 from client.pipeline import faces
 from client.pipeline import photos as pipeline
@@ -254,3 +256,41 @@ def test_health_is_not_serving_while_the_database_is_unreachable(
     finally:
         server.stop(0).wait()
         proxy.close()
+
+
+def test_two_server_processes_on_postgresql_and_s3_behind_one_client(
+        replica_configs: list[ServerConfig], s3_bucket_url: str, tls_certs: DevCerts,
+        tmp_path: Path) -> None:
+    """`privface-server --store postgresql://... --blobs s3://...` twice, one balancing
+    client over both; one process SIGKILLed: the client's calls keep succeeding."""
+    env = {name: os.environ[name] for name in
+           ("PRIVFACE_S3_ENDPOINT", "PRIVFACE_S3_REGION", "PRIVFACE_S3_CREATE_BUCKET")}
+    limits = [f"--{name.replace('_', '-')}={value}" for name, value in GENEROUS.items()]
+    processes = [ServerProcess(tmp_path / f"process{i}", tls_certs.server_cert,
+                               tls_certs.server_key, tls_certs.ca, tmp_path / f"process{i}.log",
+                               store=replica_configs[0].store, blobs=s3_bucket_url, env=env,
+                               flags=limits) for i in range(2)]
+    try:
+        for process in processes:
+            process.start()
+        both = ",".join(p.address for p in processes)
+        with PrivfaceClient(both) as first:
+            bundle = create_family(first)
+        bundle.add_member("Mum")
+        with connect(both, bundle) as client:
+            ids = [pipeline.backup_photo(client, bundle, _photo(10 + i),
+                                         [bundle.slot_of("Mum")]).photo_id for i in range(4)]
+            newest_first = ids[::-1]
+            for _ in range(4):  # spread over both processes by the round-robin channel
+                assert client.list_photos() == newest_first
+                assert _search(both, bundle, ["Mum"]) == newest_first
+            processes[0].kill()
+            for i, photo_id in enumerate(ids):  # the other process answers everything
+                assert pipeline.fetch_photo(client, bundle, photo_id) == _photo(10 + i)
+                assert client.list_photos() == newest_first
+        for process in processes:
+            assert "postgres@127.0.0.1" in process.log_text()
+            assert s3_bucket_url in process.log_text()
+    finally:
+        for process in processes:
+            process.stop()
