@@ -28,7 +28,8 @@ upload), ``search(names)`` and ``search_by_photo(path)``.
 
 Plaintext pipeline (the reference, no server): the same working image and scan parameters
 with ``cv2.CascadeClassifier.detectMultiScale``, face_recognition embeddings of those
-boxes, numpy distances to the same enrollment embeddings (nearest member within 0.6),
+boxes, numpy distances to the same enrollment embeddings, the product's own decision on
+them (``faces.decide``: nearest member within ``faces.MATCH_TOLERANCE``),
 numpy label matching with common.labels' vectors (all-of: L.Q > lambda - 1/2).
 
 Queries: every set of 1, 2 and 3 members with at least one relevant library photo
@@ -70,11 +71,12 @@ from bench.common import print_table, start_local_server, write_json  # noqa: E4
 from client import rpc as rpc_mod  # noqa: E402
 from client import vendor  # noqa: E402
 from client.config import ClientConfig  # noqa: E402
+from client.pipeline import faces as faces_mod  # noqa: E402
 from client.pipeline import labelling, recognize  # noqa: E402
 from client.pipeline.detect import DEFAULT, working_image  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from client.session import FamilySession  # noqa: E402
-from common import ckks, labels  # noqa: E402
+from common import labels  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
 from common.cascade import default_cascade_path, load_cascade  # noqa: E402
 from common.errors import PrivfaceError  # noqa: E402
@@ -297,6 +299,7 @@ class PlainPipeline:
     def __init__(self, members: list[str], capacity: int) -> None:
         self.classifier = cv2.CascadeClassifier(default_cascade_path())
         self.params = DEFAULT.params
+        self.members = list(members)
         self.slot = {m: i for i, m in enumerate(members)}
         self.capacity = capacity
         self.gallery = np.zeros((0, recognize.EMBEDDING_DIM))
@@ -335,11 +338,11 @@ class PlainPipeline:
         timings["embedding"] = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         faces = []
+        entry_slots = [self.slot[n] for n in self.gallery_names]
         for box, e in zip(boxes, emb, strict=True):
             d = np.linalg.norm(self.gallery - e, axis=1)
-            i = int(np.argmin(d))  # first of equals, as ckks.nearest
-            name = self.gallery_names[i] if d[i] <= ckks.TOLERANCE else None
-            faces.append(PlainFace(box, name, float(d[i])))
+            slot, dist = faces_mod.decide(d, entry_slots)  # the product's rule, same function
+            faces.append(PlainFace(box, None if slot is None else self.members[slot], dist))
         timings["matching"] = (time.perf_counter() - start) * 1000
         return PlainResult(faces, timings)
 
@@ -568,8 +571,9 @@ def explain(photo: str, enc_faces: list, plain: PlainResult) -> str:
         if name != f.name:
             notes.append(f"face {tuple(b)}: encrypted distance {dist:.7f} -> {name}, "
                          f"plaintext {f.distance:.7f} -> {f.name} (tolerance "
-                         f"{ckks.TOLERANCE}; CKKS error ~1e-6: a tie at the threshold)"
-                         if abs(f.distance - ckks.TOLERANCE) < 1e-4 else
+                         f"{faces_mod.MATCH_TOLERANCE}; CKKS error ~1e-6: a tie at the "
+                         "threshold)"
+                         if abs(f.distance - faces_mod.MATCH_TOLERANCE) < 1e-4 else
                          f"face {tuple(b)}: encrypted {name} ({dist:.7f}) vs plaintext "
                          f"{f.name} ({f.distance:.7f})")
     return f"{photo}: same boxes; " + ("; ".join(notes) or "same names: a search error")
@@ -861,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "scale_factor": DEFAULT.params.scale_factor,
                                 "min_neighbors": DEFAULT.params.min_neighbors,
                                 "min_size": list(DEFAULT.params.min_size)},
-                "tolerance": ckks.TOLERANCE, "enrolled": enc["enrolled"],
+                "tolerance": faces_mod.MATCH_TOLERANCE, "enrolled": enc["enrolled"],
                 "enroll_s": enc["enroll_s"], "backup_s": enc["backup_s"],
                 "create_s": enc["create_s"], "vendor_s": vendor_s,
                 "bench_seconds": time.perf_counter() - start_all,

@@ -359,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["seed", "rule", "P1", "R1", "F1 one", "F1 two", "F1 three", "F1 photo",
                  "false accepts", "false rejects"], rows)
     clear = vs_today["ci95"][0] > 0 and chosen.name != TODAY
-    test_recall_ok = all(results[chosen.name][s]["one"]["r"] >= results[TODAY][s]["one"]["r"]
-                         - 1e-12 for s in test_seeds)
+    test_drop = [results[TODAY][s]["one"]["r"] - results[chosen.name][s]["one"]["r"]
+                 for s in test_seeds]
+    test_recall_ok = float(np.mean(test_drop)) <= RECALL_SLACK + 1e-12
     print(f"clearly better on validation (paired 95% CI above 0): {clear}; test one-member "
-          f"recall not lower on any test seed: {test_recall_ok}")
+          f"recall drop per seed {', '.join(f'{d:+.3f}' for d in test_drop)} (mean "
+          f"{np.mean(test_drop):.4f}; within the {RECALL_SLACK} allowed: {test_recall_ok})")
     write_json(args.json, {
         "validation_seeds": val_seeds, "test_seeds": test_seeds, "today": TODAY,
         "chosen": chosen.name, "selection": {"criterion": "max mean one-member F1 on the "
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                                              f"within {TIE} F1", "table": table},
         "chosen_vs_today_validation_f1": vs_today,
         "chosen_vs_today_validation_recall": recall_vs_today,
-        "clearly_better": clear, "test_recall_not_lower": test_recall_ok,
+        "clearly_better": clear, "test_recall_drop": test_drop,
+        "test_recall_drop_within_slack": test_recall_ok,
         "faces": faces_info, "results": {n: {str(s): v for s, v in r.items()}
                                          for n, r in results.items()}})
     return 0

@@ -19,10 +19,10 @@ from client.config import ClientConfig
 from client.keystore import load_bundle, save_bundle
 from client.pipeline import family, labelling, library
 from client.pipeline.detect import DetectionReport
-from client.pipeline.faces import share_ckks_secret
+from client.pipeline.faces import MATCH_TOLERANCE, share_ckks_secret
 from client.pipeline.labelling import Progress
 from client.rpc import Credentials, FamilyDeletion, PrivfaceClient
-from common import ckks, labels
+from common import labels
 from common import secure_cascade as sc
 from common.errors import AlreadyExistsError, MalformedInputError, PreconditionError
 
@@ -233,7 +233,7 @@ class FamilySession:
 
     # -- faces ---------------------------------------------------------------------------
 
-    def identify(self, path: str | Path, tolerance: float = ckks.TOLERANCE,
+    def identify(self, path: str | Path, tolerance: float = MATCH_TOLERANCE,
                  progress: Progress = _quiet) -> labelling.PhotoLabelling:
         """Who is in a photo (faces found, encrypted matching)."""
         self.sync()

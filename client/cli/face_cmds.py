@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 
 from client.cli.common import CliError, open_session, progress_bars, say
-from common import ckks
+from client.pipeline.faces import MATCH_TOLERANCE
 from common.errors import NotFoundError
 
 
@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                               description="find faces, match them encrypted against the "
                               "family gallery on the server, decrypt the distances here")
     identify.add_argument("photo")
-    identify.add_argument("--tolerance", type=float, default=ckks.TOLERANCE,
+    identify.add_argument("--tolerance", type=float, default=MATCH_TOLERANCE,
                           help="largest distance that counts as a match (default %(default)s)")
     identify.add_argument("--mode", choices=["default", "faithful"],
                           help="secure detection mode (default: default)")

@@ -23,6 +23,23 @@ CKKS_ITEM = "ckks-secret"
 log = logging.getLogger(__name__)
 
 
+MATCH_TOLERANCE = 0.525
+"""Largest distance at which the nearest enrolled face names a face. Stricter than
+face_recognition's 0.6 (ckks.TOLERANCE): at 0.6 strangers fell within reach of a member
+(one-member search precision 0.91-0.96 on the generated families); 0.525 was chosen on
+validation families only by bench/identify_rules.py (README, "Retrieval quality"):
++0.023 one-member F1 on 10/10 validation seeds for 0.005 recall."""
+
+
+def decide(distances: np.ndarray, entry_slots: Sequence[int | None],
+           tolerance: float = MATCH_TOLERANCE) -> tuple[int | None, float]:
+    """The decision on one face's decrypted distances: (the nearest live entry's member
+    slot if within ``tolerance`` else None, that distance). The plaintext reference
+    (bench/family_bench.py) calls this same function."""
+    slot, dist = ckks.nearest(distances, entry_slots)
+    return (slot if slot is not None and dist <= tolerance else None), dist
+
+
 @dataclass(frozen=True)
 class FaceMatch:
     """One face's answer: the member name (None = unknown) and the nearest distance."""
@@ -118,8 +135,9 @@ def add_faces(client: PrivfaceClient, bundle: FamilyBundle, slot: int,
 
 
 def identify(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarray,
-             tolerance: float = ckks.TOLERANCE) -> list[FaceMatch]:
-    """Encrypted matching of each face against the gallery; nearest member within tolerance."""
+             tolerance: float = MATCH_TOLERANCE) -> list[FaceMatch]:
+    """Encrypted matching of each face against the gallery; nearest member within tolerance
+    (``decide``)."""
     embeddings = np.atleast_2d(np.asarray(embeddings, dtype=np.float64))
     if len(embeddings) == 0:
         return []
@@ -135,11 +153,8 @@ def identify(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarra
         distances = np.concatenate([blocks[b][0] for b in sorted(blocks)]) if blocks else \
             np.zeros(0)
         entry_slots = [s if s >= 0 else None for b in sorted(blocks) for s in blocks[b][1]]
-        slot, dist = ckks.nearest(distances, entry_slots)
-        if slot is None or dist > tolerance:
-            matches.append(FaceMatch(None, None, dist))
-        else:
-            matches.append(FaceMatch(bundle.name_of(slot), slot, dist))
+        slot, dist = decide(distances, entry_slots, tolerance)
+        matches.append(FaceMatch(None if slot is None else bundle.name_of(slot), slot, dist))
     return matches
 
 

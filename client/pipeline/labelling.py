@@ -22,7 +22,6 @@ from client.keystore import FamilyBundle, check_member_name
 from client.pipeline import faces, family, recognize
 from client.pipeline.detect import MODES, DetectionReport, SecureDetector
 from client.rpc import PrivfaceClient
-from common import ckks
 from common import secure_cascade as sc
 from common.errors import MalformedInputError, PrivfaceError
 
@@ -97,7 +96,7 @@ def find_faces(client: PrivfaceClient, bundle: FamilyBundle, rgb: np.ndarray,
 
 
 def identify_faces(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.ndarray,
-                   boxes: Sequence[recognize.Box], tolerance: float = ckks.TOLERANCE
+                   boxes: Sequence[recognize.Box], tolerance: float = faces.MATCH_TOLERANCE
                    ) -> list[FoundFace]:
     """Encrypted matching of each embedding; unknown faces when nobody is enrolled."""
     if len(boxes) == 0:
@@ -109,7 +108,7 @@ def identify_faces(client: PrivfaceClient, bundle: FamilyBundle, embeddings: np.
 
 
 def label_image(client: PrivfaceClient, bundle: FamilyBundle, rgb: np.ndarray,
-                mode: str = "default", tolerance: float = ckks.TOLERANCE,
+                mode: str = "default", tolerance: float = faces.MATCH_TOLERANCE,
                 progress: Progress = _quiet) -> PhotoLabelling:
     """Steps 2-4 on one RGB photo: faces, embeddings, encrypted identification."""
     timings: dict[str, float] = {}
@@ -126,7 +125,7 @@ def label_image(client: PrivfaceClient, bundle: FamilyBundle, rgb: np.ndarray,
 
 
 def label_photo(client: PrivfaceClient, bundle: FamilyBundle, path: Path,
-                mode: str = "default", tolerance: float = ckks.TOLERANCE,
+                mode: str = "default", tolerance: float = faces.MATCH_TOLERANCE,
                 progress: Progress = _quiet) -> PhotoLabelling:
     """Steps 2-4 on one photo file."""
     return label_image(client, bundle, recognize.load_rgb(path), mode, tolerance, progress)

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from client.keystore import FamilyBundle
 from client.pipeline import labelling, photos, recognize
+from client.pipeline.faces import MATCH_TOLERANCE
 from client.pipeline.labelling import PhotoLabelling, Progress
 from client.rpc import PrivfaceClient, ServerUnavailableError
-from common import ckks, labels
+from common import labels
 from common.errors import AuthenticationError, MalformedInputError, NotFoundError, PrivfaceError
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def search_by_names(client: PrivfaceClient, bundle: FamilyBundle, names: Sequenc
 
 def search_by_photo(client: PrivfaceClient, bundle: FamilyBundle, path: Path,
                     mode: labels.MatchMode = labels.MatchMode.ALL, top_n: int = 0,
-                    detection_mode: str = "default", tolerance: float = ckks.TOLERANCE,
+                    detection_mode: str = "default", tolerance: float = MATCH_TOLERANCE,
                     progress: Progress = _quiet) -> PhotoQuery:
     """Steps 6-10 with a query photo: its faces are found and identified (encrypted), and
     the members among them become the query."""
