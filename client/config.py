@@ -33,7 +33,7 @@ class ClientConfig:
     retry_attempts: int = 5
     retry_initial_backoff: float = 0.1
     retry_max_backoff: float = 2.0
-    detection_mode: str = "default"  # "default" or "faithful" (see pipeline/detect.py)
+    detection_mode: str = "default"  # a name in client/pipeline/detect.py's MODES
     # Transport security: the server's certificate must chain to tls_ca (PEM); for mutual TLS
     # this phone also presents tls_client_cert/tls_client_key (names distinct from the
     # server's PRIVFACE_TLS_CERT/KEY, so one shell can hold both). Plaintext only with

@@ -12,6 +12,7 @@ import logging
 import queue
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -386,6 +387,43 @@ class Credentials:
                 ("authorization", f"Bearer {self.access_token}"))
 
 
+class Traffic:
+    """Bytes of the protobuf messages one client sent and received, every attempt of every
+    call counted (TLS and HTTP/2 framing not included). Thread-safe: the app's workers
+    share one client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sent = 0
+        self._received = 0
+
+    def add(self, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self._sent += sent
+            self._received += received
+
+    def snapshot(self) -> tuple[int, int]:
+        """(bytes sent, bytes received) so far."""
+        with self._lock:
+            return self._sent, self._received
+
+    def sending(self, messages: Iterator[T]) -> Iterator[T]:
+        """``messages``, each counted as it is sent."""
+        for message in messages:
+            self.add(sent=_size(message))
+            yield message
+
+    def receiving(self, messages: Iterator[T]) -> Iterator[T]:
+        """``messages``, each counted as it arrives."""
+        for message in messages:
+            self.add(received=_size(message))
+            yield message
+
+
+def _size(message: object) -> int:
+    return message.ByteSize() if isinstance(message, Message) else 0
+
+
 class PrivfaceClient:
     """One channel to a server (TLS per ``config``; without one, ClientConfig.load(): the
     PRIVFACE_* environment). Use as a context manager or call close()."""
@@ -400,6 +438,7 @@ class PrivfaceClient:
         self._chunk = self.config.chunk_bytes
         self.tls = not self.config.insecure
         self.channel = open_channel(address, self.config)
+        self.traffic = Traffic()
         self.family = family_pb2_grpc.FamilyServiceStub(self.channel)
         self.photos = photos_pb2_grpc.PhotoServiceStub(self.channel)
         self.faces = faces_pb2_grpc.FaceServiceStub(self.channel)
@@ -436,8 +475,14 @@ class PrivfaceClient:
         replayable = callable(request) or isinstance(request, Message)
 
         def attempt(seconds: float) -> T:
-            return fn(request() if callable(request) else request, timeout=seconds,
-                      metadata=metadata)
+            sent = request() if callable(request) else request
+            if isinstance(sent, Message):
+                self.traffic.add(sent=sent.ByteSize())
+            else:
+                sent = self.traffic.sending(sent)
+            response = fn(sent, timeout=seconds, metadata=metadata)
+            self.traffic.add(received=_size(response))
+            return response
         return self._with_retries(self.method_name(fn) if replayable else "", attempt,
                                   timeout or self.timeout, done)
 
@@ -449,7 +494,8 @@ class PrivfaceClient:
         metadata = self.metadata()
 
         def first(seconds: float) -> tuple[Iterator[T], list[T]]:
-            responses = fn(request, timeout=seconds, metadata=metadata)
+            self.traffic.add(sent=_size(request))
+            responses = self.traffic.receiving(fn(request, timeout=seconds, metadata=metadata))
             return responses, [message for message in (next(responses, None),)
                                if message is not None]
         responses, head = self._with_retries(self.method_name(fn), first,
@@ -467,10 +513,12 @@ class PrivfaceClient:
         """Every message of a server-streaming call; retried as a whole (if RETRY_POLICY
         allows): a stream broken midway is read again from its start."""
         metadata = self.metadata()
-        return self._with_retries(
-            self.method_name(fn),
-            lambda seconds: list(fn(request, timeout=seconds, metadata=metadata)),
-            timeout or self.timeout)
+
+        def attempt(seconds: float) -> list[T]:
+            self.traffic.add(sent=_size(request))
+            return list(self.traffic.receiving(fn(request, timeout=seconds,
+                                                  metadata=metadata)))
+        return self._with_retries(self.method_name(fn), attempt, timeout or self.timeout)
 
     def method_name(self, fn: Callable[..., Any]) -> str:
         """The RPC that one of this client's stub callables makes ("" for anything else)."""
@@ -815,8 +863,11 @@ class DetectionStream:
                  ) -> None:
         self._address = client.address
         self._tls = client.tls
+        self._traffic = client.traffic
         self._requests: queue.Queue[detection_pb2.DetectFacesRequest | None] = queue.Queue()
-        self._requests.put(detection_pb2.DetectFacesRequest(session=session))
+        opening = detection_pb2.DetectFacesRequest(session=session)
+        self._traffic.add(sent=opening.ByteSize())
+        self._requests.put(opening)
         self._responses = client.detector.DetectFaces(
             iter(self._requests.get, None), timeout=client.config.detect_timeout,
             metadata=client.metadata())
@@ -839,6 +890,7 @@ class DetectionStream:
             raise translate(exc, self._address, self._tls) from None
         except StopIteration:
             raise errors.MalformedInputError("the server ended detection early") from None
+        self._traffic.add(sent=request.ByteSize(), received=response.ByteSize())
         if response.batch_id != batch.batch_id or response.count != count:
             raise errors.MalformedInputError("the server answered another batch")
         return WindowOutcomes(response.outcomes, response.server_ms, request.ByteSize())

@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from client.config import ClientConfig
+from client.pipeline.detect import MODES
 from client.pipeline.labelling import Progress
 from client.session import FamilySession
 from common.errors import PrivfaceError
@@ -91,3 +92,13 @@ def progress_bars(totals: dict[str, int] | None = None) -> Iterator[Progress]:
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def add_detection_mode(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """The --mode flag: how secure detection scans photos (client/pipeline/detect.py)."""
+    parser.add_argument(
+        "--mode", choices=list(MODES),
+        help=f"secure detection mode{what} (env PRIVFACE_DETECTION_MODE; default: default, "
+        "faces from about 49 px on a 640-px working copy, 7.6%% of its long side; "
+        "small-faces: from about 31 px, 5%%, for group photos, at about twice the upload; "
+        "faithful: the paper's protocol at full size, gigabytes per photo)")

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import cv2
 
-from client.cli.common import CliError, open_session, progress_bars, say
+from client.cli.common import (
+    CliError,
+    add_detection_mode,
+    open_session,
+    progress_bars,
+    say,
+)
 from client.pipeline.faces import MATCH_TOLERANCE
 from common.errors import NotFoundError
 
@@ -57,7 +63,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     say(f"{len(report.boxes)} face(s); {report.positions:,} scan positions, "
         f"{report.windows_sent:,} windows sent ({report.bytes_uploaded / 1e6:.1f} MB), "
         f"server {report.server_ms:.0f} ms, total {report.total_ms:.0f} ms "
-        f"[{args.mode or 'default'}]")
+        f"[{s.config.detection_mode}]")
     if args.show:
         for x, y, w, h in report.boxes:
             cv2.rectangle(image, (x, y), (x + w, y + h), (0, 200, 0), 2)
@@ -82,15 +88,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     identify.add_argument("photo")
     identify.add_argument("--tolerance", type=float, default=MATCH_TOLERANCE,
                           help="largest distance that counts as a match (default %(default)s)")
-    identify.add_argument("--mode", choices=["default", "faithful"],
-                          help="secure detection mode (default: default)")
+    add_detection_mode(identify)
     identify.set_defaults(fn=cmd_identify)
     detect = sub.add_parser("detect", help="secure face detection of a photo",
                             description="run the vendor's encrypted detector on the server over "
                             "this photo's encrypted windows; print the face boxes")
     detect.add_argument("photo")
-    detect.add_argument("--mode", choices=["default", "faithful"],
-                        help="default: compact upload; faithful: the paper's protocol at "
-                        "OpenCV's default parameters (gigabytes)")
+    add_detection_mode(detect)
     detect.add_argument("--show", metavar="OUT", help="write a copy with the boxes drawn")
     detect.set_defaults(fn=cmd_detect)

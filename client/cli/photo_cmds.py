@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from client.cli.common import CliError, open_session, progress_bars, say
+from client.cli.common import (
+    CliError,
+    add_detection_mode,
+    open_session,
+    progress_bars,
+    say,
+)
 from client.pipeline.library import BackupItem, collect_photos, image_suffix
 from common import labels
 
@@ -37,20 +43,29 @@ def cmd_backup(args: argparse.Namespace) -> int:
         if item.receipt is None:
             say(f"  skipped {item.path}: {item.error}")
             return
-        who = ", ".join(item.names) or ("nobody known" if people is None else "")
-        state = "  (already backed up)" if item.receipt.already_stored else ""
+        again = item.receipt.already_stored
+        who = ", ".join(item.names) or ("nobody known" if people is None and not again else "")
+        state = "  (already backed up)" if again else ""
         print(f"{item.receipt.photo_id}  {item.path}{state}" + (f"  [{who}]" if who else ""))
 
     with open_session(args) as s:
-        if people is None and not s.bundle.product_keys:
+        secure = bool(s.bundle.product_keys)
+        if people is None and not secure:
             say("(no detector product key: faces are found on this phone; "
                 "`privface detector import KEYFILE` uses the vendor's encrypted detector)")
         with progress_bars({"photos": len(paths)}) as progress:
             summary = s.backup(paths, people, progress, report)
+        mode = s.config.detection_mode
+    faceless = [i for i in summary.stored if i.faces == 0]
+    if people is None and secure and mode == "default" and faceless:
+        say(f"{len(faceless)} new photo(s) showed no face; faces smaller than about 7.6% of a "
+            "photo's long side (group photos from a few metres) need `--mode small-faces` "
+            "(about twice the upload); delete and back them up again with it")
     who = ", ".join(f"{n} {c}" for n, c in summary.who.most_common()) or "nobody known"
     say(f"{len(summary.items)} photo(s): {len(summary.stored)} new, {len(summary.already)} "
         f"already there, {len(summary.failed)} failed; {summary.faces} face(s) found; "
-        f"who: {who}; {summary.bytes_sent / 1e6:.1f} MB sent; {summary.seconds:.1f} s")
+        f"who: {who}; {summary.bytes_sent / 1e6:.1f} MB sent, "
+        f"{summary.bytes_received / 1e6:.1f} MB received; {summary.seconds:.1f} s")
     return 1 if summary.failed else 0
 
 
@@ -120,6 +135,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "(labels by hand instead of by faces)")
     backup.add_argument("--auto", action="store_true",
                         help="label by faces (the default; kept for older scripts)")
+    add_detection_mode(backup, " for the faces of each photo")
     backup.set_defaults(fn=cmd_backup)
 
     search = sub.add_parser("search", help="find photos by who is in them",
@@ -133,8 +149,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     group.add_argument("--any", action="store_true", help="photos with any of them")
     group.add_argument("--top", type=int, metavar="N",
                        help="the N photos with the most of them, best first")
-    search.add_argument("--mode", choices=["default", "faithful"],
-                        help="secure detection mode for --photo (default: default)")
+    add_detection_mode(search, " for --photo")
     search.set_defaults(fn=cmd_search)
 
     fetch = sub.add_parser("fetch", help="download and decrypt photos",

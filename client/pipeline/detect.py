@@ -16,10 +16,14 @@ Two modes (docs/detection.md has the measurements and what the server learns in 
   float32 full windows only for the survivors that OpenCV visits; any UNCERTAIN window
   re-sent in float64; the whole photo's windows shuffled before they are sent, so the
   server sees neither positions nor scales, only how many windows each round holds.
+* ``small-faces``: ``default`` with faces from 24 px (OpenCV's first window at this scale
+  ladder: 31 px, about 5% of the long side instead of 7.6%), for group photos taken from a
+  few metres; about 1.9x the windows of ``default``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +68,9 @@ DEFAULT = DetectionMode("default", 640, ScanParams(scale_factor=1.25, min_neighb
                                                    min_size=(40, 40)),
                         sc.Encoding.FLOAT32, prefix_round=True, omit_low_contrast=True,
                         shuffle=True)
-MODES = {m.name: m for m in (DEFAULT, FAITHFUL)}
+SMALL_FACES = dataclasses.replace(DEFAULT, name="small-faces", params=dataclasses.replace(
+    DEFAULT.params, min_size=(24, 24)))
+MODES = {m.name: m for m in (DEFAULT, SMALL_FACES, FAITHFUL)}
 
 
 @dataclass

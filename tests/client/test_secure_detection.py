@@ -23,7 +23,14 @@ import numpy as np
 import pytest
 
 from client import vendor
-from client.pipeline.detect import DEFAULT, FAITHFUL, DetectionMode, SecureDetector, working_image
+from client.pipeline.detect import (
+    DEFAULT,
+    FAITHFUL,
+    SMALL_FACES,
+    DetectionMode,
+    SecureDetector,
+    working_image,
+)
 from client.rpc import PrivfaceClient, translate
 from common import errors
 from common import secure_cascade as sc
@@ -112,6 +119,12 @@ def _check_parity(client: PrivfaceClient, key: sc.ProductKey, paths: list[Path],
     assert faces > 0  # the photos do contain faces OpenCV finds
 
 
+def _read(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path))
+    assert image is not None, path
+    return image
+
+
 def _photos(folder_glob: str) -> list[Path]:
     root = require_data("photos")
     return sorted(p for p in root.glob(folder_glob)
@@ -125,6 +138,30 @@ def test_default_parity_group_photos(published, material) -> None:
     paths = [p for p in _photos("dlib_examples_group/*") if p.name != "dogs.jpg"]
     assert len(paths) == N_GROUP
     _check_parity(published[0], material.key, paths)
+
+
+def test_small_faces_parity_group_photos(published, material) -> None:
+    """The small-faces mode (faces from 24 px) equals detectMultiScale at its parameters, and
+    on these photos of small faces it finds more than the default mode."""
+    paths = [p for p in _photos("dlib_examples_group/*") if p.name != "dogs.jpg"][:6]
+    _check_parity(published[0], material.key, paths, SMALL_FACES)
+    found = {}
+    for mode in (DEFAULT, SMALL_FACES):
+        detector = SecureDetector(published[0], material.key, mode)
+        found[mode.name] = sum(len(_opencv_boxes(detector, _read(p))) for p in paths)
+    assert found["small-faces"] > found["default"]
+
+
+def test_detection_traffic_is_what_the_report_says(published, material) -> None:
+    """Every window message is counted by the client's traffic meter, as in the report."""
+    client = published[0]
+    path = _photos("group_*/*")[0]
+    sent0, received0 = client.traffic.snapshot()
+    report = SecureDetector(client, material.key).detect(_read(path))
+    sent, received = (a - b for a, b in zip(client.traffic.snapshot(), (sent0, received0),
+                                            strict=True))
+    assert report.bytes_uploaded <= sent <= report.bytes_uploaded + 200  # + the opening
+    assert report.windows_sent <= received
 
 
 def test_default_parity_people_photos(published, material) -> None:

@@ -33,10 +33,10 @@ class BackupTile:
         if item.receipt is None:
             return cls(item.path, "", b"", [], False, "failed",
                        f"{item.path.name}: {item.error}")
+        again = " (already backed up)" if item.receipt.already_stored else ""
         who = ", ".join(item.names) if item.names else (
             f"{item.faces} unknown face{'' if item.faces == 1 else 's'}" if item.faces
-            else "no faces")
-        again = " (already backed up)" if item.receipt.already_stored else ""
+            else "already backed up" if again else "no faces")
         return cls(item.path, item.receipt.photo_id, item.receipt.thumbnail, list(item.names),
                    True, who, f"{item.path.name}{again}")
 
