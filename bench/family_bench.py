@@ -73,7 +73,7 @@ from client import vendor  # noqa: E402
 from client.config import ClientConfig  # noqa: E402
 from client.pipeline import faces as faces_mod  # noqa: E402
 from client.pipeline import labelling, recognize  # noqa: E402
-from client.pipeline.detect import DEFAULT, working_image  # noqa: E402
+from client.pipeline.detect import MODES, DetectionMode, working_image  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from client.session import FamilySession  # noqa: E402
 from common import labels  # noqa: E402
@@ -296,9 +296,10 @@ class PlainResult:
 class PlainPipeline:
     """The same steps on the phone alone: OpenCV, face_recognition, numpy."""
 
-    def __init__(self, members: list[str], capacity: int) -> None:
+    def __init__(self, members: list[str], capacity: int, mode: DetectionMode) -> None:
         self.classifier = cv2.CascadeClassifier(default_cascade_path())
-        self.params = DEFAULT.params
+        self.mode = mode
+        self.params = mode.params
         self.members = list(members)
         self.slot = {m: i for i, m in enumerate(members)}
         self.capacity = capacity
@@ -316,10 +317,10 @@ class PlainPipeline:
         return added
 
     def detect(self, rgb: np.ndarray) -> list[recognize.Box]:
-        """detectMultiScale on the secure default mode's working image, boxes mapped back
+        """detectMultiScale on the secure detection mode's working image, boxes mapped back
         as SecureDetector maps them."""
         gray = cv2.cvtColor(rgb[:, :, ::-1].copy(), cv2.COLOR_BGR2GRAY)
-        work, scale = working_image(gray, DEFAULT.working_long_side)
+        work, scale = working_image(gray, self.mode.working_long_side)
         p = self.params
         found = self.classifier.detectMultiScale(
             work, scaleFactor=p.scale_factor, minNeighbors=p.min_neighbors,
@@ -470,8 +471,9 @@ def vendor_key(address: str, token: str, shared: bool) -> tuple[sc.ProductKey, f
     return key, time.perf_counter() - start
 
 
-def run_plain(fam: Family, capacity: int) -> tuple[PlainPipeline, dict[str, PlainResult]]:
-    plain = PlainPipeline(fam.members, capacity)
+def run_plain(fam: Family, capacity: int, mode: DetectionMode
+              ) -> tuple[PlainPipeline, dict[str, PlainResult]]:
+    plain = PlainPipeline(fam.members, capacity, mode)
     for m in fam.members:
         plain.enroll(m, fam.enroll[m])
     results = {}
@@ -484,9 +486,10 @@ def run_plain(fam: Family, capacity: int) -> tuple[PlainPipeline, dict[str, Plai
 
 
 def run_encrypted(fam: Family, address: str, key: sc.ProductKey, capacity: int,
-                  bundle_path: Path, passphrase: str) -> dict[str, Any]:
+                  bundle_path: Path, passphrase: str, mode: DetectionMode
+                  ) -> dict[str, Any]:
     out: dict[str, Any] = {"items": {}, "queries": {}, "photo_queries": {}}
-    config = ClientConfig.load(server=address, detection_mode="default")
+    config = ClientConfig.load(server=address, detection_mode=mode.name)
     t0 = time.perf_counter()
     session = FamilySession.create(bundle_path, passphrase, config, capacity=capacity,
                                    device_name="family bench", force=True)
@@ -810,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="composed query photos (default 2 per member)")
     ap.add_argument("--enroll", type=int, default=5, help="enrollment photos per member")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--mode", choices=[m for m in MODES if m != "faithful"], default="default",
+                    help="secure detection mode, and the same scan parameters in plaintext")
     ap.add_argument("--quick", action="store_true",
                     help="3 members, 30 photos, 3 query photos (a few minutes)")
     ap.add_argument("--server", help="use this running server (HOST:PORT) instead of one "
@@ -831,6 +836,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"../shared/data is absent ({LFW}): LFW photos are needed")
         return 2
     cv2.setNumThreads(1)
+    mode = MODES[args.mode]
     capacity = max(labels.DEFAULT_CAPACITY, n_members)
     passphrase = os.environ.get("PRIVFACE_PASSPHRASE") or "family bench passphrase"
     start_all = time.perf_counter()
@@ -840,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         stats = family_stats(fam)
         log(f"composed {len(fam.library)} photos and {len(fam.queries)} query photos in {work}: "
             f"{stats['faces']} faces, {stats['group_photos_two_plus_members']} with 2+ members")
-        plain, plain_res = run_plain(fam, capacity)
+        plain, plain_res = run_plain(fam, capacity, mode)
         server = None
         if args.server:
             address = args.server
@@ -853,18 +859,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[vendor] product key {key.detector_id} v{key.version} published to "
                 f"{address} ({vendor_s:.1f} s)")
             bundle = Path(args.bundle) if args.bundle else Path(tmp) / "family.bundle"
-            enc = run_encrypted(fam, address, key, capacity, bundle, passphrase)
+            enc = run_encrypted(fam, address, key, capacity, bundle, passphrase, mode)
         finally:
             if server is not None:
                 server.stop(0).wait()
         fig = evaluate(fam, plain, plain_res, enc)
     fig.update({"seed": args.seed, "quick": args.quick, "family": stats,
                 "server": "external" if args.server else "in-process",
-                "detection_mode": DEFAULT.name,
-                "scan_params": {"working_long_side": DEFAULT.working_long_side,
-                                "scale_factor": DEFAULT.params.scale_factor,
-                                "min_neighbors": DEFAULT.params.min_neighbors,
-                                "min_size": list(DEFAULT.params.min_size)},
+                "detection_mode": mode.name,
+                "scan_params": {"working_long_side": mode.working_long_side,
+                                "scale_factor": mode.params.scale_factor,
+                                "min_neighbors": mode.params.min_neighbors,
+                                "min_size": list(mode.params.min_size)},
                 "tolerance": faces_mod.MATCH_TOLERANCE, "enrolled": enc["enrolled"],
                 "enroll_s": enc["enroll_s"], "backup_s": enc["backup_s"],
                 "create_s": enc["create_s"], "vendor_s": vendor_s,

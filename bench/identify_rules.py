@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 from bench import family_bench as fb  # noqa: E402
 from bench.common import print_table, write_json  # noqa: E402
 from client.pipeline import recognize  # noqa: E402
+from client.pipeline.detect import DEFAULT  # noqa: E402
 
 CACHE = ROOT / "bench" / "results" / "identify_rules"
 N_MEMBERS, N_PHOTOS, N_ENROLL = 6, 150, 5
@@ -96,7 +97,7 @@ def seed_faces(seed: int) -> dict[str, Any]:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="identify_rules_") as tmp:
         fam = fb.compose_family(N_MEMBERS, N_PHOTOS, N_QUERIES, N_ENROLL, seed, Path(tmp))
-        plain = fb.PlainPipeline(fam.members, max(N_MEMBERS, 8))
+        plain = fb.PlainPipeline(fam.members, max(N_MEMBERS, 8), DEFAULT)
         for m in fam.members:
             plain.enroll(m, fam.enroll[m])
         photos: list[dict[str, Any]] = []
