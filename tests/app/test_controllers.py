@@ -93,6 +93,8 @@ def test_enroll_backup_search_fetch_rename_remove(family_app: Controllers,
     assert result.who == {"obama": 2, "biden": 2}
     again = app.backup.backup(chosen[:1])
     assert (again.stored, again.already) == (0, 1)
+    assert result.bytes_sent > sum(len(p.read_bytes()) for p in chosen) and again.bytes_sent == 0
+    assert "MB sent" in result.message
 
     ids = {t.path.name: t.photo_id for t in tiles}
     obama = app.search.by_members(["obama"])

@@ -50,13 +50,15 @@ class BackupResult:
     failed: int
     seconds: float
     who: dict[str, int]
+    bytes_sent: int = 0  # every message sent, secure detection included
 
     @property
     def message(self) -> str:
         found = ", ".join(f"{n} in {c}" for n, c in sorted(self.who.items())) or "no members"
         failed = f", {self.failed} failed" if self.failed else ""
         return (f"backed up {self.stored} photo(s), {self.already} already there{failed} "
-                f"in {self.seconds:.1f} s; found {found}")
+                f"in {self.seconds:.1f} s ({self.bytes_sent / 1e6:.1f} MB sent); "
+                f"found {found}")
 
 
 class BackupController:
@@ -79,4 +81,4 @@ class BackupController:
 
         summary = self.ctx.require().backup(paths, None, progress, each)
         return BackupResult(len(summary.stored), len(summary.already), len(summary.failed),
-                            summary.seconds, dict(summary.who))
+                            summary.seconds, dict(summary.who), summary.bytes_sent)
