@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from client.config import ClientConfig
 from common import errors
+from common import secure_cascade as sc
 from common.labels import MatchMode
 from privface.v1 import (
     detection_pb2,
@@ -759,7 +760,7 @@ class PrivfaceClient:
     # -- detectors -----------------------------------------------------------------------
 
     def publish_detector(self, header: detection_pb2.DetectorHeader, matrix: bytes,
-                         vendor_token: str) -> detection_pb2.PublishDetectorResponse:
+                         vendor_token: str) -> PublishedDetector:
         """Uploads an encrypted detector (header, then chunks) with the vendor token."""
         def requests() -> Iterator[detection_pb2.PublishDetectorRequest]:
             yield detection_pb2.PublishDetectorRequest(header=header)
@@ -768,7 +769,7 @@ class PrivfaceClient:
         response: detection_pb2.PublishDetectorResponse = self.call(
             self.detector.PublishDetector, requests, timeout=self._upload_timeout,
             metadata=(("authorization", f"Bearer {vendor_token}"),))
-        return response
+        return PublishedDetector(response.detector_id, response.key_version)
 
     def list_detectors(self) -> list[detection_pb2.DetectorInfo]:
         """Published detectors (public descriptions only)."""
@@ -801,6 +802,36 @@ class PrivfaceClient:
         """Opens one bidirectional DetectFaces call for a photo's encrypted windows."""
         return DetectionStream(self, detection_pb2.DetectionSession(
             detector_id=detector_id, key_version=key_version, key_fingerprint=key_fingerprint))
+
+
+def detector_header(enc: sc.EncryptedCascade) -> detection_pb2.DetectorHeader:
+    """The public part of an encrypted detector: ids, sizes, leaf values, stage thresholds."""
+    matrix = enc.matrix_bytes()
+    stages = []
+    start = 0
+    for stop, threshold in zip(enc.stage_ends, enc.stage_thresholds, strict=True):
+        stop = int(stop)
+        stages.append(detection_pb2.CascadeStage(
+            weak_count=stop - start, threshold=float(threshold),
+            left_values=enc.left_values[start:stop].tolist(),
+            right_values=enc.right_values[start:stop].tolist()))
+        start = stop
+    prefix_size = enc.prefix_classifiers.size * 8 if enc.prefix_stages else 0
+    return detection_pb2.DetectorHeader(
+        detector_id=enc.detector_id, key_version=enc.key_version,
+        key_fingerprint=enc.key_fingerprint, window_width=enc.window_size[0],
+        window_height=enc.window_size[1], ciphertext_dim=enc.cipher_dim, stages=stages,
+        matrix_size=len(matrix), matrix_sha256=hashlib.sha256(matrix).digest(),
+        prefix_stages=enc.prefix_stages, prefix_ciphertext_dim=enc.prefix_cipher_dim,
+        prefix_matrix_size=prefix_size)
+
+
+@dataclass(frozen=True)
+class PublishedDetector:
+    """What the server stored of a published detector."""
+
+    detector_id: str
+    key_version: int
 
 
 @dataclass(frozen=True)

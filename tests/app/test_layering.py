@@ -1,5 +1,6 @@
-"""The app's dependency rules (DESIGN.md): Kivy only under client/app/ and never in its
-controllers; the app reaches the server only through the client core."""
+"""The client's dependency rules (DESIGN.md): Kivy only under client/app/ and never in its
+controllers; the app reaches the server only through the client core; only client/rpc.py
+touches the generated stubs."""
 
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ def test_app_uses_only_the_client_core() -> None:
                                                   if any(_under(m, f) for f in FORBIDDEN_IN_APP))
                  for p in APP.rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_only_rpc_touches_the_stubs() -> None:
+    offenders = [str(p.relative_to(ROOT)) for p in _sources("client")
+                 if p != ROOT / "client" / "rpc.py"
+                 and any(_under(m, "privface") for m in _imports(p))]
+    assert offenders == []
 
 
 def test_controllers_import_without_kivy() -> None:

@@ -22,7 +22,6 @@ import grpc
 import numpy as np
 import pytest
 
-from client import vendor
 from client.pipeline.detect import (
     DEFAULT,
     FAITHFUL,
@@ -31,7 +30,7 @@ from client.pipeline.detect import (
     SecureDetector,
     working_image,
 )
-from client.rpc import PrivfaceClient, translate
+from client.rpc import PrivfaceClient, detector_header, translate
 from common import errors
 from common import secure_cascade as sc
 from common.cascade import Cascade, default_cascade_path, load_cascade
@@ -64,7 +63,7 @@ def material() -> VendorMaterial:
     cascade = load_cascade()
     key = sc.generate_product_key(DETECTOR_ID, cascade, rng=np.random.default_rng(1))
     enc = sc.encrypt_cascade(cascade, key, rng=np.random.default_rng(2))
-    return VendorMaterial(cascade, key, enc, vendor.detector_header(enc), enc.matrix_bytes())
+    return VendorMaterial(cascade, key, enc, detector_header(enc), enc.matrix_bytes())
 
 
 @pytest.fixture
