@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import detect_bench  # noqa: E402
 from bench.common import print_table, start_local_server, write_json  # noqa: E402
 from bench.detect_bench import DATA, load_labels, log, recall  # noqa: E402
 from client import vendor  # noqa: E402
@@ -54,7 +56,7 @@ from client.pipeline.family import create_family  # noqa: E402
 from client.pipeline.windows import pyramid_levels  # noqa: E402
 from client.rpc import PrivfaceClient  # noqa: E402
 from common import secure_cascade as sc  # noqa: E402
-from common.cascade import default_cascade_path, load_cascade  # noqa: E402
+from common.cascade import Cascade, default_cascade_path, load_cascade  # noqa: E402
 
 MODES = (DEFAULT, SMALL_FACES)
 DISTANCES = (1.0, 1.5, 2.0, 2.5)  # padding factor k: the scene seen k times further away
@@ -81,19 +83,23 @@ def read_gray(path: Path) -> np.ndarray:
 
 
 def opencv_boxes(classifier: cv2.CascadeClassifier, gray: np.ndarray, mode: DetectionMode
-                 ) -> list[tuple[int, int, int, int]]:
-    """detectMultiScale at the mode's parameters on its working image, in photo pixels."""
+                 ) -> list[tuple[int, ...]]:
+    """detectMultiScale at the mode's parameters on its working image, in photo pixels (as
+    SecureDetector maps its boxes back)."""
     work, scale = working_image(gray, mode.working_long_side)
-    p = mode.params
-    found = classifier.detectMultiScale(work, scaleFactor=p.scale_factor,
-                                        minNeighbors=p.min_neighbors, minSize=p.min_size)
-    return sorted(tuple(round(v / scale) for v in b) for b in np.reshape(found, (-1, 4)))
+    return sorted(tuple(round(v / scale) for v in b)
+                  for b in detect_bench.opencv_boxes(classifier, work, mode))
+
+
+@functools.cache
+def _cascade() -> Cascade:
+    return load_cascade()
 
 
 def positions(gray: np.ndarray, mode: DetectionMode) -> int:
     work, _ = working_image(gray, mode.working_long_side)
     return sum(level.n_positions for level in
-               pyramid_levels((work.shape[1], work.shape[0]), load_cascade(), mode.params))
+               pyramid_levels((work.shape[1], work.shape[0]), _cascade(), mode.params))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,9 +158,8 @@ def secure_runs(photos: dict[str, np.ndarray], classifier: cv2.CascadeClassifier
         local = start_local_server(Path(tmp) / "server")
         try:
             with PrivfaceClient(local.address, config=local.client_config) as client:
-                cascade = load_cascade()
-                key = sc.generate_product_key("frontalface_alt", cascade)
-                vendor.publish(client, cascade, key, local.vendor_token)
+                key = sc.generate_product_key("frontalface_alt", _cascade())
+                vendor.publish(client, _cascade(), key, local.vendor_token)
                 create_family(client)
                 for mode in MODES:
                     detector = SecureDetector(client, key, mode)
