@@ -180,9 +180,10 @@ def test_a_replica_killed_under_load_fails_no_call(
         replicas: Callable[[], Replica], tls_certs: DevCerts, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
         grpc_retries: bool) -> None:
-    """SIGKILL one of two replicas while 4 threads keep calling: the calls in flight on it
-    fail UNAVAILABLE and are retried on the other, so no caller sees an error. Without
-    gRPC's own retry policy the client's loop alone does it (and logs each retry)."""
+    """SIGKILL one of two replicas (frozen just before) while 4 threads keep calling: the
+    calls in flight on it fail UNAVAILABLE and are retried on the other, so no caller sees
+    an error. Without gRPC's own retry policy the client's loop alone does it (and logs
+    each retry)."""
     if not grpc_retries:
         monkeypatch.setattr(rpc, "_RECONNECT_OPTIONS", [
             *(o for o in rpc._RECONNECT_OPTIONS if o[0] != "grpc.enable_retries"),
@@ -206,6 +207,10 @@ def test_a_replica_killed_under_load_fails_no_call(
             threads = [threading.Thread(target=keep_calling) for _ in range(4)]
             for thread in threads:
                 thread.start()
+            time.sleep(0.5)
+            # Frozen first, so that calls are surely in flight on it when it dies (on a busy
+            # machine the threads may otherwise all sit between calls at that instant).
+            proc.send_signal(signal.SIGSTOP)
             time.sleep(0.5)
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
